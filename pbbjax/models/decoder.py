@@ -1,0 +1,124 @@
+"""The causal LM: token embedding, a stack of decoder layers, final norm, LM head (or tied embedding).
+
+Layers are stored stacked (every layer parameter has a leading ``layers`` axis), so the same parameters
+run either as one ``lax.scan`` (``scan_layers=True``: one compiled layer, fast compiles for deep models)
+or as an unrolled loop. Each layer is wrapped in ``jax.checkpoint`` with the configured remat policy.
+
+Masks: ``attention_mask`` [B, T] (1 = token, 0 = padding; left padding for generation) and/or
+``segment_ids`` [B, T] (packed sequences; 0 = padding). A query attends to a key iff the key is not
+later, both are real tokens, and both lie in the same segment. Positions default to the index of the
+token among the real tokens of its row (or of its segment), which makes a left-padded row compute the
+same logits as the unpadded sequence.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from pbbjax.models.config import ModelConfig, resolve_dtype
+from pbbjax.models.layers import DecoderLayer, make_param, rms_norm, rope_cos_sin, rope_inv_freq
+from pbbjax.models.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+ACT = ("batch", "length", "act_embed")
+
+
+def default_positions(attention_mask: jax.Array | None, segment_ids: jax.Array | None, shape) -> jax.Array:
+    """Index of each token among the real tokens of its row or segment; 0 on padding."""
+    if segment_ids is not None:
+        seg = segment_ids
+        new_segment = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+        idx = jnp.arange(seg.shape[1])[None, :]
+        start = jax.lax.cummax(jnp.where(new_segment, idx, 0), axis=1)
+        return jnp.where(seg > 0, idx - start, 0).astype(jnp.int32)
+    if attention_mask is not None:
+        return jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
+    return jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
+
+
+def causal_mask(attention_mask: jax.Array | None, segment_ids: jax.Array | None, shape) -> jax.Array:
+    """[B, T, T] boolean: query t may attend key s."""
+    b, t = shape
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    if attention_mask is not None:
+        valid = attention_mask.astype(bool)
+        mask = mask & valid[:, None, :] & valid[:, :, None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids > 0)[:, None, :]
+    return mask
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, mesh: Mesh | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        if cfg.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {cfg.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        self.cfg = cfg
+        self.mesh = mesh
+        self.embed = make_param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg, "normal", None
+        )
+        self.layers = DecoderLayer(cfg, rngs=rngs, stack=cfg.num_layers)
+        self.final_norm = make_param(rngs, (cfg.hidden_size,), ("norm",), cfg, "ones", None)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = make_param(
+                rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg, "normal", None
+            )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """input_ids [B, T] -> logits [B, T, vocab] in float32."""
+        hidden = self.hidden_states(input_ids, attention_mask, positions, segment_ids)
+        return self.logits(hidden)
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        dt = resolve_dtype(self.cfg.compute_dtype)
+        return constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(dt), self.mesh, ACT)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final norm and LM head: hidden [B, T, D] -> fp32 logits [B, T, V]."""
+        x = rms_norm(hidden, self.final_norm[...], self.cfg.rms_norm_eps)
+        head = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+        logits = jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, self.mesh, ("batch", "length", "act_vocab"))
+
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None) -> jax.Array:
+        """The last layer's output, before the final norm: [B, T, D] in the compute dtype."""
+        shape = input_ids.shape
+        if positions is None:
+            positions = default_positions(attention_mask, segment_ids, shape)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg.rope, self.cfg.head_dim))
+        mask = causal_mask(attention_mask, segment_ids, shape)
+        x = self.embed_tokens(input_ids)
+        return self.run_layers(lambda layer, h: layer(h, cos, sin, mask), x)
+
+    def run_layers(self, fn, x: jax.Array) -> jax.Array:
+        """x <- fn(layer_i, x) for each layer: one lax.scan or an unrolled loop, rematerialised per layer."""
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, layer_state):
+            return constrain(fn(nnx.merge(graphdef, layer_state), carry), self.mesh, ACT), None
+
+        if self.cfg.remat != "none":
+            body = jax.checkpoint(
+                body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers
+            )
+        if self.cfg.scan_layers:
+            return jax.lax.scan(body, x, state)[0]
+        for i in range(self.cfg.num_layers):
+            x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], state))
+        return x

@@ -1,0 +1,175 @@
+"""The decoder's building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP.
+
+Parameter layouts (``axes`` metadata names the logical axis of each dimension; a decoder layer's
+parameters carry a leading ``layers`` axis because layers are stored stacked, see ``decoder.py``):
+
+- q/k/v kernels ``[embed, heads, head_dim]``, o kernel ``[heads, head_dim, embed]``
+- MLP kernels ``[embed, mlp]`` and ``[mlp, embed]``; norms ``[norm]``; biases ``[heads, head_dim]``
+
+RoPE uses Hugging Face's split-half (``rotate_half``) layout, so HF q/k weights load without permutation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pbbjax.models.config import ModelConfig, RopeConfig, resolve_dtype
+
+_INIT_STD = 0.02
+
+
+def make_param(
+    rngs: nnx.Rngs | None, shape, axes, cfg: ModelConfig, init: str, stack: int | None
+) -> nnx.Param:
+    """A parameter of ``shape`` (with a leading ``layers`` axis of size ``stack`` when given)."""
+    if stack is not None:
+        shape, axes = (stack, *shape), ("layers", *axes)
+    dtype = resolve_dtype(cfg.param_dtype)
+    if init == "normal":
+        value = _INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        value = jnp.zeros(shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), axes=tuple(axes))
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """HF order: normalise in fp32, cast back to the input dtype, then scale."""
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(dtype) * x32.astype(dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> jax.Array:
+    """Inverse frequencies [head_dim // 2], incl. Llama 3.1's piecewise ``llama3`` scaling."""
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.rope_type != "llama3":
+        return inv_freq
+    old_len = rope.original_max_position_embeddings
+    low_wavelen = old_len / rope.low_freq_factor
+    high_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] -> cos, sin [B, T, head_dim] (fp32)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, H]; cos/sin [B, T, H]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax(q k^T / sqrt(h)) with GQA. q [B,T,N,H], k [B,S,K,H], mask [B,T,S] -> [B,K,G,T,S] fp32."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, stack: int | None = None):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = make_param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), cfg, "normal", stack)
+        self.k_proj = make_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg, "normal", stack)
+        self.v_proj = make_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg, "normal", stack)
+        self.o_proj = make_param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), cfg, "normal", stack)
+        if cfg.qkv_bias:
+            self.q_bias = make_param(rngs, (n, h), ("q_heads", "head_dim"), cfg, "zeros", stack)
+            self.k_bias = make_param(rngs, (k, h), ("kv_heads", "head_dim"), cfg, "zeros", stack)
+            self.v_bias = make_param(rngs, (k, h), ("kv_heads", "head_dim"), cfg, "zeros", stack)
+        if cfg.o_bias:
+            self.o_bias = make_param(rngs, (d,), ("embed",), cfg, "zeros", stack)
+        if cfg.qk_norm:
+            self.q_norm = make_param(rngs, (h,), ("head_dim",), cfg, "ones", stack)
+            self.k_norm = make_param(rngs, (h,), ("head_dim",), cfg, "ones", stack)
+
+    def project_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+        """x [B,T,D] -> q [B,T,N,H], k and v [B,T,K,H], with biases, q/k norm and RoPE applied."""
+        dt = x.dtype
+
+        def proj(name):
+            y = jnp.einsum("btd,dnh->btnh", x, getattr(self, f"{name}_proj")[...].astype(dt))
+            if self.cfg.qkv_bias:
+                y = y + getattr(self, f"{name}_bias")[...].astype(dt)
+            return y
+
+        q, k, v = proj("q"), proj("k"), proj("v")
+        if self.cfg.qk_norm:
+            q = rms_norm(q, self.q_norm[...], self.cfg.rms_norm_eps)
+            k = rms_norm(k, self.k_norm[...], self.cfg.rms_norm_eps)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """Attention over keys/values [B,S,K,H] (the sequence itself, or a KV cache) -> [B,T,D]."""
+        b, t, n, h = q.shape
+        probs = attention_weights(q, k, mask).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+        y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(v.dtype))
+        if self.cfg.o_bias:
+            y = y + self.o_bias[...].astype(v.dtype)
+        return y
+
+    def __call__(self, x, cos, sin, mask):
+        q, k, v = self.project_qkv(x, cos, sin)
+        return self.attend(q, k, v, mask)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, stack: int | None = None):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.cfg = cfg
+        self.gate_proj = make_param(rngs, (d, f), ("embed", "mlp"), cfg, "normal", stack)
+        self.up_proj = make_param(rngs, (d, f), ("embed", "mlp"), cfg, "normal", stack)
+        self.down_proj = make_param(rngs, (f, d), ("mlp", "embed"), cfg, "normal", stack)
+        if cfg.mlp_bias:
+            self.gate_bias = make_param(rngs, (f,), ("mlp",), cfg, "zeros", stack)
+            self.up_bias = make_param(rngs, (f,), ("mlp",), cfg, "zeros", stack)
+            self.down_bias = make_param(rngs, (d,), ("embed",), cfg, "zeros", stack)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+
+        def dense(name, y):
+            y = y @ getattr(self, f"{name}_proj")[...].astype(dt)
+            return y + getattr(self, f"{name}_bias")[...].astype(dt) if self.cfg.mlp_bias else y
+
+        return dense("down", jax.nn.silu(dense("gate", x)) * dense("up", x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, stack: int | None = None):
+        self.cfg = cfg
+        self.input_norm = make_param(rngs, (cfg.hidden_size,), ("norm",), cfg, "ones", stack)
+        self.attn = Attention(cfg, rngs=rngs, stack=stack)
+        self.post_attn_norm = make_param(rngs, (cfg.hidden_size,), ("norm",), cfg, "ones", stack)
+        self.mlp = MLP(cfg, rngs=rngs, stack=stack)
+
+    def __call__(self, x, cos, sin, mask):
+        eps = self.cfg.rms_norm_eps
+        x = x + self.attn(rms_norm(x, self.input_norm[...], eps), cos, sin, mask)
+        return x + self.mlp(rms_norm(x, self.post_attn_norm[...], eps))
