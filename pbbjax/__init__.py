@@ -1,0 +1,9 @@
+"""pbbjax: Programming by Backprop (Cook et al., arXiv 2506.18777) in JAX/Flax."""
+
+from pbbjax.default_model import default_model_path
+from pbbjax.models.config import ModelConfig
+from pbbjax.models.hf_io import load_model, save_model
+from pbbjax.models.sharding import make_mesh
+from pbbjax.sampling import generate
+
+__all__ = ["ModelConfig", "default_model_path", "generate", "load_model", "make_mesh", "save_model"]
