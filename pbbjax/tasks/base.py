@@ -4,8 +4,11 @@ A domain knows instructions and their execution; it knows nothing about tokens, 
 (those belong to ``formatting.py`` and ``curriculum.py``). Its contract:
 
 - ``instructions(n, seed)``: ``n`` distinct instructions, deterministic in ``seed``.
-- ``sample_inputs(instruction, n, seed)``: up to ``n`` distinct inputs (a JSON-able list of positional
-  arguments each, or ``None`` where execution takes no input, e.g. "generate a sentence"), deterministic.
+- ``sample_inputs(instruction, n, seed, split="train", **kw)``: up to ``n`` distinct inputs (a JSON-able
+  list of positional arguments each, or ``None`` where execution takes no input, e.g. "generate a
+  sentence"), deterministic.
+  ``split="eval"`` may draw differently (ciphers: every shift equally); ciphers take ``skewed=True`` for
+  the imbalanced demonstration distribution.
 - ``execute(instruction, inputs)``: one ``Example`` per input, with the ground-truth output (computed by
   really running the instruction, in a sandbox where it is code) and, where the domain has one, a
   chain-of-thought trace.
@@ -65,7 +68,9 @@ class Domain(Protocol):
 
     def instructions(self, n: int, seed: int) -> list[Instruction]: ...
 
-    def sample_inputs(self, instruction: Instruction, n: int, seed: int) -> list[list | None]: ...
+    def sample_inputs(
+        self, instruction: Instruction, n: int, seed: int, split: str = "train", **kwargs
+    ) -> list[list | None]: ...
 
     def execute(self, instruction: Instruction, inputs: list[list | None]) -> list[Example]: ...
 
