@@ -5,6 +5,8 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Caches the tests fill (default model, leetcode screening) go to a fresh directory, not the user's.
+os.environ.setdefault("PBBJAX_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="pbbjax-test-cache-"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -143,3 +145,16 @@ def smollm2_reference():
     ).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return model, tokenizer
+
+
+def load_config(spec: str):
+    """A configs/*.py file's config, as ``--config path[:preset]`` loads it."""
+    import importlib.util
+    from pathlib import Path
+
+    path, _, preset = spec.partition(":")
+    file = Path(__file__).parent.parent / path
+    module_spec = importlib.util.spec_from_file_location("config_under_test", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(preset or None)

@@ -1,0 +1,237 @@
+"""PBB curricula: from a domain and a train/eval split of its instructions, the named stage datasets and
+the evaluation sets (DESIGN.md section 1).
+
+Curricula (``CURRICULA``):
+
+- ``proactive``: stage1 = declarative(train) + execution(train), interleaved; stage2 = declarative(eval)
+  [+ ``demos`` execution demonstrations per eval instruction] [+ a ``replay_fraction`` of stage-1 rows].
+- ``retroactive``: stage1 = declarative(train + eval); stage2 = execution(train) (SFT data, or RL prompts).
+- ``mixture``: the homogeneous baseline: every row of proactive's two stages in one shuffled stage.
+- ``ad``: Algorithm Distillation: proactive's stage1, then for each N in ``ad_n`` a stage ``adN`` of N
+  execution examples per eval instruction, each branching from the end of stage1 (``start_from``).
+- ``in_context``: no training; the evaluation sets alone (the instruction is put in the prompt there).
+
+``stages`` = "1" or "2" keeps one stage (the stage-only ablations); ``representation`` = "nl" uses the
+natural-language form of instructions; ``demos`` with ``skewed_demos`` gives the ciphers' imbalanced
+demonstrations (with ``demos`` and no declarative stage-2 rows when ``stage2_declarative`` is off).
+
+Invariant (tested): held-out inputs never appear in training, and executions of eval instructions appear in
+training only where that is the arm's definition (``demos`` > 0, ``ad``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+
+from pbbjax.formatting import Row, declarative_row, execution_row
+from pbbjax.tasks.base import Domain, Example, Instruction
+
+CURRICULA = ("proactive", "retroactive", "mixture", "ad", "in_context")
+
+
+@dataclasses.dataclass(frozen=True)
+class CurriculumConfig:
+    num_train_instructions: int = 20
+    num_eval_instructions: int = 10
+    decl_repeats: int = 10  # declarative rows per instruction (each with its own paraphrase if augment)
+    exec_per_instruction: int = 10  # execution rows per train instruction
+    eval_inputs: int = 10  # held-out inputs per instruction in the evaluation sets
+    demos: int = 0  # proactive stage 2: execution demonstrations per eval instruction (0 = pure PBB)
+    skewed_demos: bool = False  # draw those demonstrations from the domain's skewed input distribution
+    stage2_declarative: bool = True  # proactive stage 2 includes declarative rows of eval instructions
+    ad_n: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100)
+    replay_fraction: float = 0.0  # proactive stage 2: stage-1 rows mixed in, as a fraction of stage 2
+    augment: bool = True  # paraphrased pointer templates (else always the canonical one)
+    cot: bool = False  # execution completions step through the instruction before the answer
+    representation: str = "code"  # "code" | "nl"
+    stages: str = "all"  # "all" | "1" | "2"
+    num_compositions: int = 0  # evaluation pairs f(g(x)) of eval instructions, where the domain composes
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.representation not in ("code", "nl"):
+            raise ValueError(f"representation {self.representation!r} is not 'code' or 'nl'")
+        if self.stages not in ("all", "1", "2"):
+            raise ValueError(f"stages {self.stages!r} is not 'all', '1' or '2'")
+        if not 0.0 <= self.replay_fraction <= 1.0:
+            raise ValueError(f"replay_fraction {self.replay_fraction} is not in [0, 1]")
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    rows: list[Row]
+    start_from: str | None = None  # the stage whose end this one starts from (None: the previous stage)
+
+
+@dataclasses.dataclass
+class Curriculum:
+    name: str
+    domain: str
+    instructions: dict[str, Instruction]
+    train_ids: list[str]
+    eval_ids: list[str]
+    stages: list[Stage]
+    eval_sets: dict[str, list[Row]]  # "eval", "train", "in_context", "compositions"
+
+
+def derive_seed(seed: int, *parts) -> int:
+    """A stable sub-seed (Python's hash() is salted per process, so not that)."""
+    return int.from_bytes(hashlib.sha256(repr((seed, *parts)).encode()).digest()[:8], "little")
+
+
+def _key(x) -> str | None:
+    return None if x is None else json.dumps(x, sort_keys=True)
+
+
+class _Builder:
+    def __init__(self, domain: Domain, cfg: CurriculumConfig):
+        self.domain, self.cfg = domain, cfg
+        n_train, n_eval = cfg.num_train_instructions, cfg.num_eval_instructions
+        found = domain.instructions(n_train + n_eval, cfg.seed)
+        if len(found) < n_train + n_eval:
+            raise ValueError(
+                f"domain {domain.name!r} has {len(found)} instructions; the config asks for "
+                f"num_train_instructions={n_train} + num_eval_instructions={n_eval}"
+            )
+        random.Random(derive_seed(cfg.seed, "split")).shuffle(found)
+        self.train, self.eval = found[:n_train], found[n_train : n_train + n_eval]
+        self.held_out: dict[str, list[Example]] = {}  # instruction id -> evaluation examples
+        self.pool: dict[str, list[Example]] = {}  # instruction id -> examples training may use
+
+    def plan(self, ins: Instruction, n_train: int, skewed: bool = False) -> tuple[list, list]:
+        """``eval_inputs`` held-out inputs, and ``n_train`` training inputs disjoint from them."""
+        d, cfg = self.domain, self.cfg
+        held = d.sample_inputs(ins, cfg.eval_inputs, derive_seed(cfg.seed, "eval", ins.id), split="eval")
+        extra = {"skewed": True} if skewed else {}
+        want, train = n_train, []
+        for attempt in range(4):  # oversample until enough inputs survive the held-out filter
+            seed = derive_seed(cfg.seed, "train", ins.id, attempt)
+            drawn = d.sample_inputs(ins, want + len(held), seed, split="train", **extra)
+            banned = {_key(x) for x in held + train if x is not None}
+            train += [x for x in drawn if x is None or _key(x) not in banned][: n_train - len(train)]
+            if len(train) >= n_train:
+                break
+            want *= 2
+        return held, train
+
+    def execute(self, plans: dict[str, tuple[Instruction, list, list]]) -> None:
+        """Run every planned input, in one sandbox batch where the domain offers ``execute_many``."""
+        items = list(plans.values())
+        inputs = [held + train for _, held, train in items]
+        if hasattr(self.domain, "execute_many"):
+            done = self.domain.execute_many([ins for ins, _, _ in items], inputs)
+        else:
+            done = [self.domain.execute(ins, x) for (ins, _, _), x in zip(items, inputs, strict=True)]
+        for (ins, held, _), examples in zip(items, done, strict=True):
+            self.held_out[ins.id], self.pool[ins.id] = examples[: len(held)], examples[len(held) :]
+
+    def rng(self, *parts) -> random.Random:
+        return random.Random(derive_seed(self.cfg.seed, *parts))
+
+    def declarative(self, instructions, split: str, stage: str) -> list[Row]:
+        cfg, rng = self.cfg, self.rng("declarative", stage, split)
+        nl = cfg.representation == "nl"
+        return [
+            declarative_row(self.domain, ins, split, stage, rng, augment=cfg.augment, nl=nl)
+            for ins in instructions
+            for _ in range(cfg.decl_repeats)
+        ]
+
+    def execution(self, instructions, split: str, stage: str, n: int) -> list[Row]:
+        cfg, rng = self.cfg, self.rng("execution", stage, split, n)
+        return [
+            execution_row(self.domain, ins, ex, split, stage, rng, augment=cfg.augment, cot=cfg.cot)
+            for ins in instructions
+            for ex in self.pool[ins.id][:n]
+        ]
+
+    def shuffled(self, rows: list[Row], stage: str) -> list[Row]:
+        rows = [dataclasses.replace(r, stage=stage) for r in rows]
+        self.rng("shuffle", stage).shuffle(rows)
+        return rows
+
+
+def build_curriculum(domain: Domain, name: str, cfg: CurriculumConfig) -> Curriculum:
+    if name not in CURRICULA:
+        raise ValueError(f"unknown curriculum {name!r}; curricula: {', '.join(CURRICULA)}")
+    b = _Builder(domain, cfg)
+    n_demo = max(cfg.ad_n) if name == "ad" else cfg.demos
+    plans = {ins.id: (ins, *b.plan(ins, cfg.exec_per_instruction)) for ins in b.train}
+    plans |= {ins.id: (ins, *b.plan(ins, n_demo, skewed=cfg.skewed_demos)) for ins in b.eval}
+    b.execute(plans)
+
+    def proactive_stage1():
+        rows = b.declarative(b.train, "train", "stage1")
+        return b.shuffled(rows + b.execution(b.train, "train", "stage1", cfg.exec_per_instruction), "stage1")
+
+    def proactive_stage2_rows():
+        rows = b.declarative(b.eval, "eval", "stage2") if cfg.stage2_declarative else []
+        return rows + b.execution(b.eval, "eval", "stage2", cfg.demos)
+
+    if name == "proactive":
+        stage2 = proactive_stage2_rows()
+        if cfg.replay_fraction:
+            replay = proactive_stage1()
+            stage2 += b.rng("replay").sample(
+                replay, min(len(replay), round(cfg.replay_fraction * len(stage2)))
+            )
+        stages = [Stage("stage1", proactive_stage1()), Stage("stage2", b.shuffled(stage2, "stage2"))]
+    elif name == "retroactive":
+        decl = b.declarative(b.train, "train", "stage1") + b.declarative(b.eval, "eval", "stage1")
+        stages = [
+            Stage("stage1", b.shuffled(decl, "stage1")),
+            Stage(
+                "stage2",
+                b.shuffled(b.execution(b.train, "train", "stage2", cfg.exec_per_instruction), "stage2"),
+            ),
+        ]
+    elif name == "mixture":
+        stages = [Stage("mixture", b.shuffled(proactive_stage1() + proactive_stage2_rows(), "mixture"))]
+    elif name == "ad":
+        stages = [Stage("stage1", proactive_stage1())] + [
+            Stage(
+                f"ad{n}", b.shuffled(b.execution(b.eval, "eval", f"ad{n}", n), f"ad{n}"), start_from="stage1"
+            )
+            for n in cfg.ad_n
+        ]
+    else:  # in_context: evaluation only
+        stages = []
+    if cfg.stages != "all" and name in ("proactive", "retroactive"):
+        stages = [s for s in stages if s.name == f"stage{cfg.stages}"]
+    instructions = {ins.id: ins for ins in b.train + b.eval}
+    return Curriculum(
+        name=name,
+        domain=domain.name,
+        instructions=instructions,
+        train_ids=[i.id for i in b.train],
+        eval_ids=[i.id for i in b.eval],
+        stages=stages,
+        eval_sets=_eval_sets(b, instructions),
+    )
+
+
+def _eval_sets(b: _Builder, instructions: dict[str, Instruction]) -> dict[str, list[Row]]:
+    cfg, d = b.cfg, b.domain
+
+    def rows(group, split, name, in_context=False):
+        return [
+            execution_row(d, ins, ex, split, name, b.rng(), augment=False, cot=cfg.cot, in_context=in_context)
+            for ins in group
+            for ex in b.held_out[ins.id]
+        ]
+
+    sets = {
+        "eval": rows(b.eval, "eval", "eval"),
+        "train": rows(b.train, "train", "train"),
+        "in_context": rows(b.eval, "eval", "in_context", in_context=True),
+    }
+    if cfg.num_compositions and hasattr(d, "compositions"):
+        pairs = d.compositions(b.eval, cfg.num_compositions, derive_seed(cfg.seed, "compositions"))
+        b.execute({ins.id: (ins, *b.plan(ins, 0)) for ins in pairs})
+        instructions.update({ins.id: ins for ins in pairs})
+        sets["compositions"] = rows(pairs, "eval", "compositions")
+    return sets

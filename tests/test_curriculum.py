@@ -1,0 +1,204 @@
+"""Curricula: stage contents, no leakage of eval executions or held-out inputs, determinism, the data CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import load_config
+
+from pbbjax.config import curriculum_config, domain_of
+from pbbjax.curriculum import CURRICULA, CurriculumConfig, build_curriculum
+from pbbjax.tasks.base import get_domain
+
+SMALL = dict(
+    num_train_instructions=5,
+    num_eval_instructions=3,
+    decl_repeats=2,
+    exec_per_instruction=3,
+    eval_inputs=4,
+    ad_n=(1, 3),
+)
+DOMAINS = ["arithmetic", "ciphers", "grammars"]
+
+
+@pytest.fixture(scope="module")
+def domains():
+    return {name: get_domain(name) for name in DOMAINS}
+
+
+def _training_executions(cur):
+    return [r for s in cur.stages for r in s.rows if r.kind == "execution"]
+
+
+def _held_out(cur):
+    return {
+        (r.instruction_id, r.input)
+        for name in ("eval", "train")
+        for r in cur.eval_sets[name]
+        if json.loads(r.input) is not None
+    }
+
+
+@pytest.mark.parametrize("domain_name", DOMAINS)
+@pytest.mark.parametrize("name", ["proactive", "retroactive", "mixture"])
+def test_no_leakage(domains, domain_name, name):
+    cur = build_curriculum(domains[domain_name], name, CurriculumConfig(**SMALL))
+    eval_ids = set(cur.eval_ids)
+    assert eval_ids and not eval_ids & set(cur.train_ids)
+    train_exec = _training_executions(cur)
+    assert train_exec, "every PBB curriculum trains on executions of train instructions"
+    assert not [r for r in train_exec if r.instruction_id in eval_ids], (
+        "an eval instruction's execution leaked"
+    )
+    assert not {(r.instruction_id, r.input) for r in train_exec} & _held_out(cur), "a held-out input leaked"
+    decl_ids = {r.instruction_id for s in cur.stages for r in s.rows if r.kind == "declarative"}
+    assert eval_ids <= decl_ids, "every eval instruction is seen as text"
+    for s in cur.stages:
+        for r in s.rows:
+            assert r.stage == s.name
+            if r.kind == "declarative":
+                assert r.completion == cur.instructions[r.instruction_id].text
+
+
+def test_stage_contents_per_curriculum(domains):
+    d = domains["arithmetic"]
+    pro = build_curriculum(d, "proactive", CurriculumConfig(**SMALL))
+    s1, s2 = pro.stages
+    kinds = lambda rows, split: sorted({(r.kind, r.split) for r in rows if r.split == split})  # noqa: E731
+    assert kinds(s1.rows, "train") == [("declarative", "train"), ("execution", "train")]
+    assert {(r.kind, r.split) for r in s2.rows} == {("declarative", "eval")}
+    assert len(s1.rows) == 5 * 2 + 5 * 3 and len(s2.rows) == 3 * 2
+    assert [r.kind for r in s1.rows] != sorted(r.kind for r in s1.rows), "stage 1 is interleaved"
+    retro = build_curriculum(d, "retroactive", CurriculumConfig(**SMALL))
+    assert {(r.kind, r.split) for r in retro.stages[0].rows} == {
+        ("declarative", "train"),
+        ("declarative", "eval"),
+    }
+    assert {(r.kind, r.split) for r in retro.stages[1].rows} == {("execution", "train")}
+    mix = build_curriculum(d, "mixture", CurriculumConfig(**SMALL))
+    assert len(mix.stages) == 1 and len(mix.stages[0].rows) == len(s1.rows) + len(s2.rows)
+    only1 = build_curriculum(d, "proactive", CurriculumConfig(**SMALL, stages="1"))
+    only2 = build_curriculum(d, "proactive", CurriculumConfig(**SMALL, stages="2"))
+    assert [s.name for s in only1.stages] == ["stage1"] and [s.name for s in only2.stages] == ["stage2"]
+    assert build_curriculum(d, "in_context", CurriculumConfig(**SMALL)).stages == []
+    replay = build_curriculum(d, "proactive", CurriculumConfig(**SMALL, replay_fraction=0.5))
+    assert len(replay.stages[1].rows) == 6 + 3 and sum(r.split == "train" for r in replay.stages[1].rows) == 3
+
+
+def test_ad_and_demonstrations_are_the_intended_exceptions(domains):
+    cur = build_curriculum(domains["arithmetic"], "ad", CurriculumConfig(**SMALL))
+    assert [(s.name, s.start_from) for s in cur.stages] == [
+        ("stage1", None),
+        ("ad1", "stage1"),
+        ("ad3", "stage1"),
+    ]
+    for stage, n in zip(cur.stages[1:], (1, 3), strict=True):
+        assert {r.kind for r in stage.rows} == {"execution"}
+        per = {i: sum(r.instruction_id == i for r in stage.rows) for i in cur.eval_ids}
+        assert per == dict.fromkeys(cur.eval_ids, n)
+        assert not {(r.instruction_id, r.input) for r in stage.rows} & _held_out(cur)
+    ad1 = {(r.instruction_id, r.input) for r in cur.stages[1].rows}
+    assert ad1 <= {(r.instruction_id, r.input) for r in cur.stages[2].rows}, "AD(1) is inside AD(3)"
+    skewed = build_curriculum(
+        domains["ciphers"],
+        "proactive",
+        CurriculumConfig(
+            **{**SMALL, "eval_inputs": 25}, demos=40, skewed_demos=True, stage2_declarative=False
+        ),
+    )
+    rows = skewed.stages[1].rows
+    assert {r.kind for r in rows} == {"execution"} and len(rows) == 3 * 40
+    shifts = [json.loads(r.meta)["shift"] for r in rows]
+    assert sum(s in (3, 13) for s in shifts) > 0.7 * len(shifts)
+    assert not {(r.instruction_id, r.input) for r in rows} & _held_out(skewed)
+    assert sorted({json.loads(r.meta)["shift"] for r in skewed.eval_sets["eval"]}) == list(range(1, 26))
+
+
+def test_variants_nl_augmentation_cot_in_context(domains):
+    d = domains["arithmetic"]
+    nl = build_curriculum(d, "proactive", CurriculumConfig(**SMALL, representation="nl"))
+    for r in nl.stages[1].rows:
+        assert r.completion == nl.instructions[r.instruction_id].text_nl
+    plain = build_curriculum(d, "proactive", CurriculumConfig(**SMALL, augment=False, cot=True))
+    assert {r.prompt.split(" ")[0] for r in plain.stages[1].rows} == {
+        d.declarative_templates[0].split(" ")[0]
+    }
+    assert (
+        len({r.prompt for r in build_curriculum(d, "proactive", CurriculumConfig(**SMALL)).stages[0].rows})
+        > 5
+    )
+    ex = [r for r in plain.stages[0].rows if r.kind == "execution"]
+    assert all("\n" in r.completion and r.completion.rsplit("\n", 1)[1].startswith("Answer: ") for r in ex)
+    for r in plain.eval_sets["in_context"]:
+        assert plain.instructions[r.instruction_id].text in r.prompt
+    for r in plain.eval_sets["eval"]:
+        assert plain.instructions[r.instruction_id].text not in r.prompt
+
+
+def test_compositions_of_eval_instructions(domains):
+    cur = build_curriculum(domains["arithmetic"], "proactive", CurriculumConfig(**SMALL, num_compositions=2))
+    rows = cur.eval_sets["compositions"]
+    assert rows and {r.split for r in rows} == {"eval"}
+    for r in rows:
+        parts = cur.instructions[r.instruction_id].meta["composition"]
+        assert set(parts) <= set(cur.eval_ids)
+
+
+def test_config_errors(domains):
+    with pytest.raises(ValueError, match="unknown curriculum 'nope'"):
+        build_curriculum(domains["ciphers"], "nope", CurriculumConfig(**SMALL))
+    with pytest.raises(ValueError, match="70 ciphers asked for; .* have 58"):
+        build_curriculum(domains["ciphers"], "proactive", CurriculumConfig(num_train_instructions=60))
+    c = load_config("configs/proactive.py")
+    c.domain = "poetry"
+    with pytest.raises(ValueError, match=r"unknown domain 'poetry' \(config field 'domain'\)"):
+        domain_of(c)
+    assert sorted(CURRICULA) == sorted(["proactive", "retroactive", "mixture", "ad", "in_context"])
+    assert curriculum_config(load_config("configs/ad.py")).ad_n == (1, 2, 5, 10, 20, 50, 100)
+
+
+def _dump(tmp_path, name, *overrides, env):
+    cmd = [
+        sys.executable,
+        "-m",
+        "pbbjax.data",
+        "--config",
+        "configs/proactive.py",
+        "--out",
+        str(tmp_path / name),
+        "--config.data.num_train_instructions=4",
+        "--config.data.num_eval_instructions=2",
+        "--config.data.decl_repeats=2",
+        "--config.data.exec_per_instruction=2",
+        "--config.data.eval_inputs=2",
+        *overrides,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_data_cli_dumps_are_deterministic(tmp_path, smollm2_dir):
+    import os
+
+    env = {**os.environ, "PBBJAX_CACHE_DIR": str(smollm2_dir.parent)}
+    out = _dump(tmp_path, "a", "--config.domain=ciphers", env=env)
+    assert "stage1" in out and "eval_eval" in out and "tokens" in out
+    _dump(tmp_path, "b", "--config.domain=ciphers", env=env)
+    _dump(tmp_path, "c", "--config.domain=ciphers", "--config.seed=1", env=env)
+    files = sorted(p.name for p in (tmp_path / "a").glob("*.json*"))
+    assert {"stage1.jsonl", "stage2.jsonl", "eval_eval.jsonl", "instructions.jsonl", "summary.json"} <= set(
+        files
+    )
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert (tmp_path / "a" / "stage1.jsonl").read_bytes() != (tmp_path / "c" / "stage1.jsonl").read_bytes()
+    rows = [json.loads(x) for x in (tmp_path / "a" / "stage1.jsonl").read_text().splitlines()]
+    assert {"stage", "kind", "instruction_id", "split", "prompt", "completion", "input", "output"} <= set(
+        rows[0]
+    )
+    import datasets
+
+    ds = datasets.load_from_disk(str(tmp_path / "a" / "stage1"))
+    assert len(ds) == len(rows) and ds[0]["prompt"] == rows[0]["prompt"]
