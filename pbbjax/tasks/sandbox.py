@@ -88,8 +88,13 @@ def run_calls(
     results: list[CallResult] = []
     while len(results) < len(calls):
         pending = calls[len(results) :]
-        job = dict(source=source, entry_point=entry_point, calls=pending, timeout_s=timeout_s,
-                   memory_bytes=memory_bytes)
+        job = dict(
+            source=source,
+            entry_point=entry_point,
+            calls=pending,
+            timeout_s=timeout_s,
+            memory_bytes=memory_bytes,
+        )
         lines, died = _run_child(job, wall_s=5.0 + timeout_s * (len(pending) + 1))
         for line in lines:
             if "setup_error" in line:
@@ -104,7 +109,11 @@ def _run_child(job: dict, wall_s: float) -> tuple[list[dict], str | None]:
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"}
     proc = subprocess.Popen(
         [sys.executable, "-I", "-c", _CHILD],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
     )
     try:
         stdout, _ = proc.communicate(json.dumps(job), timeout=wall_s)
