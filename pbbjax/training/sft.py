@@ -1,0 +1,203 @@
+"""The supervised finetuning step: completion-only masked cross-entropy, AdamW, clipping, accumulation.
+
+The state is a plain pytree ``{"params": nnx.State, "opt_state": optax state, "step": int32}`` whose
+parameters keep the model's dtype (fp32 master weights by default); the model's ``compute_dtype`` casts
+them at use, which gives bf16 compute over fp32 masters. ``make_train_step`` returns one jitted function
+with explicit in/out shardings; the state is donated.
+
+Loss averaging (``loss_mode``): ``"token"`` = mean over every completion token of the batch;
+``"sequence"`` = mean over sequences of each sequence's mean token loss. Both are computed as a sum and a
+count, so accumulating k microbatches of b gives exactly the loss and gradient of one batch of k*b.
+
+A step whose loss or gradient is not finite leaves the state unchanged and reports ``finite=False``; the
+runner stops with a clear error and the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pbbjax.models.sharding import logical_to_spec
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 1e-4
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # "cosine" | "linear" | "constant" (after warmup)
+    end_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    weight_decay: float = 0.0  # decoupled (AdamW), on matrices only
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    microbatches: int = 1  # gradient accumulation: the batch is split into this many sequential parts
+    loss_mode: str = "token"  # "token" | "sequence"
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"train.schedule {self.schedule!r} is not 'cosine', 'linear' or 'constant'")
+        if self.loss_mode not in ("token", "sequence"):
+            raise ValueError(f"train.loss_mode {self.loss_mode!r} is not 'token' or 'sequence'")
+        if self.microbatches < 1:
+            raise ValueError(f"train.microbatches must be >= 1, got {self.microbatches}")
+
+
+def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    decay_steps = max(total_steps - warmup, 1)
+    end = cfg.learning_rate * cfg.end_lr_ratio
+    if cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps, alpha=cfg.end_lr_ratio)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.learning_rate, end, decay_steps)
+    else:
+        decay = optax.constant_schedule(cfg.learning_rate)
+    if not warmup:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay], [warmup])
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(cfg, total_steps)
+    adamw = optax.adamw(
+        schedule,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+    )
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw) if cfg.max_grad_norm else adamw
+
+
+def masked_loss_sums(logits, tokens, loss_mask, segment_ids, mode: str) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted token losses, count) for next-token prediction on completion tokens.
+
+    Position t predicts token t+1; ``loss_mask[t+1]`` says whether token t+1 is a completion token.
+    """
+    logits, targets = logits[:, :-1], tokens[:, 1:]
+    weight = loss_mask[:, 1:].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    if mode == "sequence":  # each sequence's completion tokens share a total weight of 1
+        seg = segment_ids[:, 1:]
+        same = (seg[:, :, None] == seg[:, None, :]).astype(jnp.float32)
+        per_seq_tokens = jnp.einsum("bts,bs->bt", same, weight)
+        weight = weight / jnp.maximum(per_seq_tokens, 1.0)
+    return jnp.sum(ce * weight), jnp.sum(weight)
+
+
+def batch_sharding(mesh: Mesh | None) -> jax.sharding.Sharding:
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return NamedSharding(mesh, logical_to_spec(("batch", "length"), None, mesh))
+
+
+def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh | None = None) -> dict:
+    """The train state of ``model``: optimizer moments take the parameters' shardings (by propagation),
+    scalars such as step counts are replicated over the mesh."""
+    _, params = nnx.split(model)
+    state = {"params": params, "opt_state": jax.jit(optimizer.init)(params), "step": jnp.zeros((), jnp.int32)}
+    if mesh is None:
+        return state
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(
+        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), state
+    )
+
+
+def state_shardings(state: dict):
+    return jax.tree.map(lambda x: x.sharding, state)
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, mode: str):
+    def loss_fn(params, batch):
+        model = nnx.merge(graphdef, params)
+        logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+        return masked_loss_sums(logits, batch["tokens"], batch["loss_mask"], batch["segment_ids"], mode)
+
+    return loss_fn
+
+
+def make_grad_fn(graphdef, loss_mode: str, microbatches: int):
+    """(params, batch) -> (mean loss, completion-token count, mean gradient), summed over microbatches."""
+    loss_fn = make_loss_fn(graphdef, loss_mode)
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    k = microbatches
+
+    def grad_fn(params, batch):
+        if k == 1:
+            (num, den), g = value_and_grad(params, batch)
+        else:
+
+            def one(carry, micro):
+                (num, den), g = value_and_grad(params, micro)
+                return jax.tree.map(jnp.add, carry, (num, den, g)), None
+
+            micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+            zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+            (num, den, g), _ = jax.lax.scan(one, zero, micro)
+        den = jnp.maximum(den, 1e-9)
+        return num / den, den, jax.tree.map(lambda x: x / den, g)
+
+    return grad_fn
+
+
+def make_train_step(graphdef, optimizer, cfg: OptimConfig, total_steps: int, shardings, mesh: Mesh | None):
+    """jit(state, batch) -> (state, metrics); the batch is a dict of [global_batch, seq_len] int32 arrays."""
+    grad_fn = make_grad_fn(graphdef, cfg.loss_mode, cfg.microbatches)
+    schedule = learning_rate_schedule(cfg, total_steps)
+
+    def step(state, batch):
+        loss, _, grads = grad_fn(state["params"], batch)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        new = {
+            "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state["step"]),
+            "target_tokens": jnp.sum(batch["loss_mask"][:, 1:]),
+            "finite": finite,
+        }
+        return new, metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+    return jax.jit(
+        step,
+        in_shardings=(shardings, batch_sharding(mesh)),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(graphdef, mode: str):
+    """jit(params, batch) -> (loss sum, count): held-out loss on completion tokens."""
+    return jax.jit(make_loss_fn(graphdef, mode))
+
+
+def check_batch(batch_size: int, cfg: OptimConfig, mesh: Mesh | None) -> None:
+    """The global batch must split into microbatches and over the mesh's batch axes."""
+    if batch_size % cfg.microbatches:
+        raise ValueError(
+            f"pipeline.batch_size={batch_size} is not divisible by train.microbatches={cfg.microbatches}"
+        )
+    if mesh is not None:
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        if (batch_size // cfg.microbatches) % shards:
+            raise ValueError(
+                f"a microbatch of {batch_size // cfg.microbatches} sequences cannot be split over the mesh's "
+                f"data x fsdp = {shards} devices; change pipeline.batch_size, train.microbatches or the mesh"
+            )

@@ -1,0 +1,114 @@
+"""The SFT step: memorisation, exact gradient accumulation, sharded == single device, NaN handling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pbbjax import load_model, make_mesh
+from pbbjax.training.sft import (
+    OptimConfig,
+    batch_sharding,
+    init_state,
+    make_grad_fn,
+    make_optimizer,
+    make_train_step,
+    masked_loss_sums,
+    state_shardings,
+)
+
+
+def _batch(n=8, t=24, vocab=128, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, vocab, (n, t)).astype(np.int32)
+    loss_mask = np.zeros((n, t), np.int32)
+    loss_mask[:, t // 2 :] = 1
+    segment_ids = np.ones((n, t), np.int32)
+    segment_ids[:, t - 4 :] = 2  # a second, short packed sequence at the end of each row
+    loss_mask[:, t - 4] = 0  # its first token is a prompt token
+    positions = np.concatenate([np.arange(t - 4), np.arange(4)])[None].repeat(n, 0).astype(np.int32)
+    return {"tokens": tokens, "loss_mask": loss_mask, "segment_ids": segment_ids, "positions": positions}
+
+
+def _run(path, cfg, batches, mesh=None, steps=None):
+    model, _ = load_model(path, mesh=mesh)
+    graphdef, _ = nnx.split(model)
+    total = steps or len(batches)
+    optimizer = make_optimizer(cfg, total)
+    state = init_state(model, optimizer, mesh)
+    step = make_train_step(graphdef, optimizer, cfg, total, state_shardings(state), mesh)
+    losses = []
+    for i in range(total):
+        batch = jax.device_put(batches[i % len(batches)], batch_sharding(mesh))
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_tiny_model_memorises_a_small_set(hf_dirs):
+    cfg = OptimConfig(learning_rate=3e-3, warmup_steps=2, schedule="constant")
+    _, losses = _run(hf_dirs["llama_gqa"][1], cfg, [_batch(4)], steps=60)
+    assert losses[0] > 3.0 and losses[-1] < 0.05, losses[::10]
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_accumulating_k_microbatches_equals_one_batch(hf_dirs, mode):
+    model, _ = load_model(hf_dirs["qwen2_tied"][1])
+    graphdef, params = nnx.split(model)
+    batch = _batch(8, seed=1)
+    batch["loss_mask"][0, 12:16] = 0  # unequal completion lengths make the averaging matter
+    loss1, count1, g1 = jax.jit(make_grad_fn(graphdef, mode, 1))(params, batch)
+    loss4, count4, g4 = jax.jit(make_grad_fn(graphdef, mode, 4))(params, batch)
+    assert count1 == count4 and np.isclose(loss1, loss4, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4), strict=True):
+        a, b = np.asarray(a), np.asarray(b)  # equal up to fp32 summation order: 1e-5 of the tensor's scale
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max() + 1e-12
+    # and through the optimizer: the same losses step after step
+    _, l1 = _run(hf_dirs["qwen2_tied"][1], OptimConfig(loss_mode=mode), [batch], steps=3)
+    _, l4 = _run(hf_dirs["qwen2_tied"][1], OptimConfig(loss_mode=mode, microbatches=4), [batch], steps=3)
+    assert np.allclose(l1, l4, rtol=1e-5)
+
+
+def test_sharded_step_equals_single_device(hf_dirs):
+    path = hf_dirs["llama_gqa"][1]
+    batches = [_batch(8, seed=s) for s in range(3)]
+    single, l1 = _run(path, OptimConfig(), batches)
+    sharded, l8 = _run(path, OptimConfig(), batches, mesh=make_mesh(2, 2, 2))
+    assert np.allclose(l1, l8, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(single["params"]), jax.tree.leaves(sharded["params"]), strict=True):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5
+
+
+def test_loss_sums_by_hand():
+    logits = jnp.log(jnp.array([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))
+    tokens = jnp.array([[0, 1, 0]])
+    mask = jnp.array([[0, 1, 1]])
+    seg = jnp.array([[1, 1, 1]])
+    num, den = masked_loss_sums(logits, tokens, mask, seg, "token")
+    assert np.isclose(num, -np.log(0.5) - np.log(0.25)) and den == 2
+    tokens2 = jnp.array([[0, 1, 0, 1]])
+    logits2 = jnp.log(jnp.array([[[0.5, 0.5], [0.2, 0.8], [0.5, 0.5], [0.3, 0.7]]]))
+    mask2, seg2 = jnp.array([[0, 1, 0, 1]]), jnp.array([[1, 1, 2, 2]])
+    num, den = masked_loss_sums(logits2, tokens2, mask2, seg2, "sequence")
+    assert np.isclose(num / den, (-np.log(0.5) - np.log(0.7)) / 2) and den == 2
+
+
+def test_non_finite_step_leaves_the_state_unchanged(hf_dirs):
+    model, _ = load_model(hf_dirs["llama_gqa"][1])
+    graphdef, _ = nnx.split(model)
+    cfg = OptimConfig(learning_rate=1e38, max_grad_norm=0.0, warmup_steps=0, schedule="constant")
+    optimizer = make_optimizer(cfg, 10)
+    state = init_state(model, optimizer)
+    step = make_train_step(graphdef, optimizer, cfg, 10, state_shardings(state), None)
+    finite = []
+    for _ in range(4):
+        before = jax.tree.map(np.asarray, state["params"])
+        state, metrics = step(state, _batch(4))
+        finite.append(bool(metrics["finite"]))
+        if not finite[-1]:
+            after = jax.tree.map(np.asarray, state["params"])
+            pairs = zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
+            assert all(np.array_equal(a, b) for a, b in pairs)
+            break
+    assert not all(finite), "a learning rate of 1e38 must overflow"
