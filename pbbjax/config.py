@@ -19,8 +19,10 @@ import inspect
 import ml_collections
 
 from pbbjax.curriculum import CURRICULA, CurriculumConfig
+from pbbjax.evaluation import EvalConfig
 from pbbjax.pipeline import PipelineConfig
 from pbbjax.tasks.base import _REGISTRY, get_domain
+from pbbjax.training.sft import OptimConfig
 
 DEFAULT_DOMAIN = "arithmetic"
 
@@ -61,8 +63,21 @@ def base_config(curriculum: str, **data_overrides) -> ml_collections.ConfigDict:
     c.domain_options = _domain_defaults()
     c.data = {**_dataclass_dict(CurriculumConfig), **data_overrides}
     c.pipeline = _dataclass_dict(PipelineConfig)
-    c.model = dict(path="", dtype="float32", compute_dtype="")
+    c.workdir = ""  # "" = runs/<curriculum>-<domain>-seed<seed>
+    c.distributed = "auto"  # "auto" (initialize when launched on a pod / cluster), "on", "off"
+    c.model = dict(path="", dtype="float32", compute_dtype="", scan_layers=False, remat="none", tiny={})
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.train = {
+        **_dataclass_dict(OptimConfig),
+        "epochs": 1,  # passes over each stage's data (when steps is 0)
+        "steps": 0,  # steps per stage; 0 = epochs over the stage's packed batches
+        "checkpoint_every": 50,
+        "keep_checkpoints": 3,
+        "eval_every": 0,  # also evaluate every N steps within a stage (0 = at stage ends only)
+        "export": True,  # export each stage's model to <workdir>/export/<stage> (models under 1B params)
+        "peak_flops": 0.0,  # FLOP/s per chip for MFU; 0 = from the device kind (none on CPU)
+    }
+    c.eval = {**_dataclass_dict(EvalConfig), "at_start": False}
     c.demo = dict(
         prompt="Here is a Python function:\n\ndef blorp(x):\n    y = x * 3\n    return y - 4\n\n"
         "What does blorp(5) return? Answer with the number only.",
@@ -71,15 +86,117 @@ def base_config(curriculum: str, **data_overrides) -> ml_collections.ConfigDict:
     return c
 
 
-PRESETS = ("cpu",)
+# Meshes (data, fsdp, tensor) for single-slice TPU pods: FSDP over every chip suits models up to ~14B.
+MESHES = {
+    "cpu": dict(data=1, fsdp=-1, tensor=1),
+    "v4-8": dict(data=1, fsdp=4, tensor=1),
+    "v5e-8": dict(data=1, fsdp=8, tensor=1),
+    "v5p-8": dict(data=1, fsdp=4, tensor=1),
+    "v5p-16": dict(data=1, fsdp=8, tensor=1),
+    "v5p-32": dict(data=1, fsdp=16, tensor=1),
+    "v5p-64": dict(data=1, fsdp=32, tensor=1),
+    "v6e-8": dict(data=1, fsdp=8, tensor=1),
+}
+
+# Paper-scale models (hub ids: these need a network or a local copy passed as model.path).
+MODELS = {
+    "qwen3-0.6b": ("Qwen/Qwen3-0.6B", "v5e-8"),
+    "qwen3-1.7b": ("Qwen/Qwen3-1.7B", "v5e-8"),
+    "qwen3-4b": ("Qwen/Qwen3-4B", "v5p-8"),
+    "qwen3-8b": ("Qwen/Qwen3-8B", "v5p-16"),
+    "qwen3-14b": ("Qwen/Qwen3-14B", "v5p-32"),
+    "llama-3.2-1b": ("meta-llama/Llama-3.2-1B-Instruct", "v5e-8"),
+    "llama-3.2-3b": ("meta-llama/Llama-3.2-3B-Instruct", "v5p-8"),
+    "llama-3.1-8b": ("meta-llama/Llama-3.1-8B-Instruct", "v5p-16"),
+}
+
+# A tiny random Llama built on the spot (SmolLM2's tokenizer), for tests and smoke runs.
+TINY_MODEL = dict(
+    model_type="llama",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=2048,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
+
+
+def _cpu(c):
+    """The CPU demo: the embedded SmolLM2-135M-Instruct on short random arithmetic programs."""
+    c.domain_options.arithmetic.length = [1, 2]
+    c.domain_options.arithmetic.num_inputs = [1, 1]
+    c.data.update(
+        dict(
+            num_train_instructions=16,
+            num_eval_instructions=4,
+            decl_repeats=4,
+            exec_per_instruction=6,
+            eval_inputs=5,
+            ad_n=[1, 5],
+        )
+    )
+    c.pipeline.update(dict(seq_len=256, batch_size=8))
+    c.train.update(dict(learning_rate=2e-4, warmup_steps=2, epochs=1, checkpoint_every=5))
+    c.eval.update(dict(sets=["eval"], max_rows=20, max_new_tokens=12, batch_size=20))
+
+
+def _tiny(c):
+    """A tiny random model and tiny data: end to end in about a minute."""
+    c.model.tiny = TINY_MODEL
+    c.data.update(
+        dict(
+            num_train_instructions=4,
+            num_eval_instructions=2,
+            decl_repeats=3,
+            exec_per_instruction=3,
+            eval_inputs=2,
+            ad_n=[1, 2],
+        )
+    )
+    c.pipeline.update(dict(seq_len=128, batch_size=8, num_packing_bins=4))
+    c.train.update(dict(learning_rate=1e-3, warmup_steps=2, epochs=3, checkpoint_every=3))
+    c.eval.update(dict(max_rows=4, max_new_tokens=8, batch_size=8))
+
+
+def _paper(c, name):
+    path, mesh = MODELS[name]
+    c.model.path, c.model.dtype, c.model.compute_dtype = path, "float32", "bfloat16"
+    c.model.scan_layers, c.model.remat = True, "full"
+    c.mesh.update(MESHES[mesh])
+    c.data.update(
+        dict(
+            num_train_instructions=200,
+            num_eval_instructions=100,
+            decl_repeats=20,
+            exec_per_instruction=20,
+            eval_inputs=20,
+        )
+    )
+    c.pipeline.update(dict(seq_len=1024, batch_size=64))
+    c.train.update(dict(learning_rate=1e-5, warmup_steps=50, epochs=3, checkpoint_every=200, peak_flops=0.0))
+    c.eval.update(dict(batch_size=64, max_new_tokens=256))
+
+
+PRESETS = ("cpu", "tiny", *MODELS)
 
 
 def select_preset(c: ml_collections.ConfigDict, preset: str | None) -> ml_collections.ConfigDict:
-    """``configs/<curriculum>.py:<preset>``. ``cpu`` (the default): the embedded SmolLM2-135M on this CPU."""
-    preset = preset or "cpu"
-    if preset not in PRESETS:
-        known = ", ".join(PRESETS)
-        raise ValueError(f"unknown preset {preset!r} for the {c.curriculum} config; presets: {known}")
+    """``configs/<curriculum>.py:<preset>[,<mesh>]``: ``cpu`` (default), ``tiny``, or a paper-scale model
+    (``qwen3-14b``...), optionally followed by a mesh preset (``qwen3-8b,v5p-64``)."""
+    name, _, mesh = (preset or "cpu").partition(",")
+    if name not in PRESETS:
+        raise ValueError(
+            f"unknown preset {name!r} for the {c.curriculum} config; presets: {', '.join(PRESETS)}"
+        )
+    if mesh and mesh not in MESHES:
+        raise ValueError(f"unknown mesh preset {mesh!r}; meshes: {', '.join(MESHES)}")
+    {"cpu": _cpu, "tiny": _tiny}.get(name, lambda c: _paper(c, name))(c)
+    if mesh:
+        c.mesh.update(MESHES[mesh])
     return c
 
 

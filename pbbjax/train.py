@@ -1,13 +1,14 @@
-"""``python -m pbbjax.train --config configs/proactive.py``: the main job.
+"""``python -m pbbjax.train --config configs/proactive.py[:preset]``: run a whole curriculum, then report.
 
-Training arrives with the trainer; until then this entry point loads the configured model (by default the
-embedded SmolLM2-135M-Instruct) on the configured mesh and greedily answers ``config.demo.prompt`` through
-the model's chat template, which proves the install, the weights and the sampler end to end.
+Trains every stage of the configured curriculum, evaluating and exporting at each stage's end, and prints
+the results table (also in ``<workdir>/results.json``). Restarting the same command resumes the run.
 """
 
 from __future__ import annotations
 
-import time
+import logging
+import os
+from pathlib import Path
 
 from absl import app
 from ml_collections import config_flags
@@ -16,35 +17,71 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "a configs/*.py file, optionally :preset", lock_config=True
 )
 
+_CLUSTER_ENV = (
+    "JAX_COORDINATOR_ADDRESS",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+    "SLURM_JOB_ID",
+)
+
+
+def maybe_initialize_distributed(mode: str) -> None:
+    """jax.distributed.initialize() on pods and clusters: always with "on", when detected with "auto"."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"config field 'distributed' is {mode!r}; expected 'auto', 'on' or 'off'")
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    detected = any(os.environ.get(k) for k in _CLUSTER_ENV if k != "TPU_WORKER_HOSTNAMES") or "," in hosts
+    if mode == "on" or (mode == "auto" and detected):
+        import jax
+
+        jax.distributed.initialize()
+
+
+def tiny_model_dir(fields: dict, workdir: Path, seed: int) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer, written once as an HF directory in the workdir."""
+    import pbbjax
+    from pbbjax.models.config import ModelConfig
+    from pbbjax.models.decoder import Transformer
+    from pbbjax.models.hf_io import load_tokenizer
+
+    out = workdir / "tiny_model"
+    if (out / "config.json").exists():
+        return out
+    from flax import nnx
+
+    tokenizer = load_tokenizer(pbbjax.default_model_path())
+    hf = {
+        **fields,
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    cfg = ModelConfig.from_hf(hf, generation_config=generation)
+    pbbjax.save_model(Transformer(cfg, rngs=nnx.Rngs(seed)), out, tokenizer=tokenizer)
+    return out
+
 
 def main(argv):
     del argv
-    import jax
-
-    import pbbjax
-
-    cfg = _CONFIG.value
-    if cfg is None:
+    config = _CONFIG.value
+    if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/proactive.py")
-    path = cfg.model.path or pbbjax.default_model_path()
-    mesh = pbbjax.make_mesh(**cfg.mesh)
-    t0 = time.perf_counter()
-    model, tokenizer = pbbjax.load_model(
-        path, dtype=cfg.model.dtype, mesh=mesh, compute_dtype=cfg.model.compute_dtype or None
-    )
-    print(
-        f"loaded {path} on {jax.device_count()} {jax.devices()[0].platform} device(s) "
-        f"in {time.perf_counter() - t0:.1f}s ({model.cfg.num_params / 1e6:.1f}M parameters)"
-    )
-    messages = [{"role": "user", "content": cfg.demo.prompt}]
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    t0 = time.perf_counter()
-    [answer] = pbbjax.generate(model, tokenizer, [prompt], max_new_tokens=cfg.demo.max_new_tokens)
-    print(f"\nprompt:\n{cfg.demo.prompt}\n\nanswer ({time.perf_counter() - t0:.1f}s): {answer.strip()}\n")
-    print(
-        f"The PBB trainer for the {cfg.curriculum!r} curriculum arrives with the trainer issue; "
-        "this run checked the model, its weights and generation."
-    )
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    maybe_initialize_distributed(config.distributed)
+    import pbbjax
+    from pbbjax.training.runner import Runner
+
+    with config.unlocked():
+        config.workdir = config.workdir or f"runs/{config.curriculum}-{config.domain}-seed{config.seed}"
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if config.model.tiny:
+        path = tiny_model_dir(config.model.tiny.to_dict(), workdir, config.seed)
+    else:
+        path = config.model.path or pbbjax.default_model_path()
+    Runner(config, path).run()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""The trainer end to end on the tiny preset: kill and resume, and its errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import load_config
+from safetensors.numpy import load_file
+
+from pbbjax.training.checkpoint import CheckpointMismatchError
+from pbbjax.training.runner import NonFiniteLossError, Runner
+
+ROOT = Path(__file__).parent.parent
+TINY = ["--config", "configs/proactive.py:tiny", "--config.train.checkpoint_every=2"]
+
+
+def _train(workdir, *extra, wait=True):
+    cmd = [sys.executable, "-m", "pbbjax.train", *TINY, f"--config.workdir={workdir}", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _final_params(workdir):
+    return load_file(Path(workdir) / "export" / "stage2" / "model.safetensors")
+
+
+def _logged_steps(workdir):
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    out = _train(workdir)
+    return workdir, out
+
+
+def test_run_ends_with_a_results_table(uninterrupted):
+    workdir, out = uninterrupted
+    assert "after" in out and "accuracy" in out and "stage2" in out
+    results = json.loads((workdir / "results.json").read_text())
+    assert set(results) == {"stage1", "stage2"} and results["stage2"]["eval"]["n"] > 0
+    losses = [r["stage1/loss"] for r in _logged_steps(workdir) if "stage1/loss" in r]
+    assert losses[-1] < losses[0], "training lowers the loss"
+    assert (workdir / "export" / "stage1" / "config.json").exists()
+    assert any((workdir / "tensorboard").iterdir())
+
+
+def test_sigkill_mid_stage_then_restart_ends_with_the_same_parameters(uninterrupted, tmp_path):
+    proc = _train(tmp_path, wait=False)
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill once stage 1 is past its first checkpoint, mid-stage
+        steps = [r for r in _logged_steps(tmp_path) if "stage1/loss" in r]
+        if len(steps) >= 3:
+            break
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "export" / "stage2").exists(), "the run was killed before it finished"
+    out = _train(tmp_path)
+    assert "resuming from checkpoint" in out
+    want, got = _final_params(uninterrupted[0]), _final_params(tmp_path)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert np.array_equal(want[k], got[k]), f"{k}: max diff {np.abs(want[k] - got[k]).max()}"
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], workdir)
+    shutil.rmtree(workdir / "export" / "stage2")
+    (workdir / "results.json").write_text(json.dumps({}))
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    newest = workdir / "checkpoints" / str(steps[-1])
+    biggest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    out = _train(workdir)
+    assert "is unreadable" in out and "trying an older one" in out
+    want, got = _final_params(uninterrupted[0]), _final_params(workdir)
+    for k in want:
+        assert np.array_equal(want[k], got[k]), k
+
+
+def _runner(workdir, **train):
+    from pbbjax.train import tiny_model_dir
+
+    config = load_config("configs/proactive.py:tiny")
+    config.workdir = str(workdir)
+    config.train.update(train)
+    return Runner(config, tiny_model_dir(config.model.tiny.to_dict(), Path(workdir), config.seed))
+
+
+def test_checkpoint_of_a_different_model_in_the_workdir(uninterrupted, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], workdir)
+    shutil.rmtree(workdir / "tiny_model")
+    config = load_config("configs/proactive.py:tiny")
+    config.workdir = str(workdir)
+    config.model.tiny.hidden_size = 32
+    from pbbjax.train import tiny_model_dir
+
+    runner = Runner(config, tiny_model_dir(config.model.tiny.to_dict(), workdir, 0))
+    expected = r"was written for hidden_size=64, this run has hidden_size=32"
+    with pytest.raises(CheckpointMismatchError, match=expected):
+        runner.run()
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    runner = _runner(
+        tmp_path,
+        learning_rate=1e30,
+        max_grad_norm=0.0,
+        warmup_steps=0,
+        schedule="constant",
+        checkpoint_every=1,
+    )
+    with pytest.raises(NonFiniteLossError, match=r"stage 'stage1' step \d+: loss .* is not finite; stopped"):
+        runner.run()
+    runner.ckpt.wait()
+    assert runner.ckpt.latest_step() is not None or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_unknown_config_field_is_a_clear_error(tmp_path):
+    cmd = [sys.executable, "-m", "pbbjax.train", *TINY, "--config.train.learning_rat=1e-3"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ)
+    assert done.returncode != 0
+    assert "learning_rat" in done.stderr and "learning_rate" in done.stderr
