@@ -1,9 +1,9 @@
 """Text generation: ``generate(model, tokenizer, prompts, ...)``.
 
-This first sampler is deliberately simple and exact: prompts are left-padded into one buffer of
-``prompt_len + max_new_tokens`` tokens and each step re-runs the full causal forward over the buffer inside
-one jitted ``lax.while_loop`` (no KV cache yet; the cached sampler replaces the step function, not the
-interface). Greedy at ``temperature=0``, otherwise softmax sampling at the temperature, seeded.
+Prompts are left-padded to a power-of-two bucket (so new prompts of a similar length reuse the compiled
+program), prefilled into a static KV cache of ``bucket + max_new_tokens`` slots in one forward, then
+decoded one token per step inside one jitted ``lax.while_loop`` that stops when every row has emitted an
+EOS. Greedy at ``temperature=0``, otherwise softmax sampling at the temperature, seeded.
 """
 
 from __future__ import annotations
@@ -33,12 +33,11 @@ def generate_tokens(
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate needs at least one prompt, and no prompt may be empty")
     p_len = _bucket(max(len(p) for p in prompt_ids))
-    total = p_len + max_new_tokens
-    tokens = np.full((len(prompt_ids), total), pad_id, np.int32)
-    mask = np.zeros((len(prompt_ids), total), np.int32)
+    tokens = np.full((len(prompt_ids), p_len), pad_id, np.int32)
+    mask = np.zeros((len(prompt_ids), p_len), np.int32)
     for i, p in enumerate(prompt_ids):
-        tokens[i, p_len - len(p) : p_len] = p
-        mask[i, p_len - len(p) : p_len] = 1
+        tokens[i, p_len - len(p) :] = p
+        mask[i, p_len - len(p) :] = 1
     graphdef, state = nnx.split(model)
     out = _decode(
         graphdef,
@@ -48,37 +47,41 @@ def generate_tokens(
         jnp.asarray(eos_ids, jnp.int32),
         jax.random.key(seed),
         jnp.float32(temperature),
-        p_len,
         max_new_tokens,
     )
-    out = np.asarray(out)[:, p_len:]
     results = []
-    for row in out:
+    for row in np.asarray(out):
         stops = np.flatnonzero(np.isin(row, eos_ids))
         results.append(row[: stops[0] if stops.size else len(row)].tolist())
     return results
 
 
-@jax.jit(static_argnums=(0, 7, 8))
-def _decode(graphdef, state, tokens, mask, eos_ids, key, temperature, p_len, max_new_tokens):
+@jax.jit(static_argnums=(0, 7))
+def _decode(graphdef, state, tokens, mask, eos_ids, key, temperature, max_new_tokens):
     model = nnx.merge(graphdef, state)
+    b, p_len = tokens.shape
+    key_valid = jnp.zeros((b, p_len + max_new_tokens), bool).at[:, :p_len].set(mask.astype(bool))
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    logits, cache = model.decode(tokens, positions, model.init_cache(b, p_len + max_new_tokens), 0, key_valid)
 
     def step(carry):
-        i, tokens, mask, done, key = carry
-        logits = model(tokens, attention_mask=mask)[:, p_len + i - 1]
+        i, out, logits, pos, cache, key_valid, done, key = carry
         key, sub = jax.random.split(key)
         sampled = jax.random.categorical(sub, logits / jnp.maximum(temperature, 1e-6))
-        nxt = jnp.where(temperature > 0, sampled, jnp.argmax(logits, -1)).astype(tokens.dtype)
+        nxt = jnp.where(temperature > 0, sampled, jnp.argmax(logits, -1)).astype(jnp.int32)
         nxt = jnp.where(done, eos_ids[0], nxt)
-        tokens = tokens.at[:, p_len + i].set(nxt)
-        mask = mask.at[:, p_len + i].set(1)
-        return i + 1, tokens, mask, done | jnp.isin(nxt, eos_ids), key
+        out = out.at[:, i].set(nxt)
+        done = done | jnp.isin(nxt, eos_ids)
+        key_valid = key_valid.at[:, p_len + i].set(True)
+        logits, cache = model.decode(nxt[:, None], pos[:, None], cache, p_len + i, key_valid)
+        return i + 1, out, logits[:, -1], pos + 1, cache, key_valid, done, key
 
     def cond(carry):
-        return (carry[0] < max_new_tokens) & ~jnp.all(carry[3])
+        return (carry[0] < max_new_tokens) & ~jnp.all(carry[6])
 
-    done = jnp.zeros(tokens.shape[0], bool)
-    return jax.lax.while_loop(cond, step, (0, tokens, mask, done, key))[1]
+    out = jnp.zeros((b, max_new_tokens), jnp.int32)
+    init = (0, out, logits[:, -1], positions[:, -1] + 1, cache, key_valid, jnp.zeros(b, bool), key)
+    return jax.lax.while_loop(cond, step, init)[1]
 
 
 def generate(

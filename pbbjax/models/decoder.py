@@ -104,21 +104,48 @@ class Transformer(nnx.Module):
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg.rope, self.cfg.head_dim))
         mask = causal_mask(attention_mask, segment_ids, shape)
         x = self.embed_tokens(input_ids)
-        return self.run_layers(lambda layer, h: layer(h, cos, sin, mask), x)
+        return self.run_layers(lambda layer, h, _: (layer(h, cos, sin, mask), None), x)[0]
 
-    def run_layers(self, fn, x: jax.Array) -> jax.Array:
-        """x <- fn(layer_i, x) for each layer: one lax.scan or an unrolled loop, rematerialised per layer."""
+    def decode(self, input_ids, positions, cache: dict, index, key_valid):
+        """A forward over ``input_ids`` [B, T] written into a KV cache at ``index`` (prefill when T > 1,
+        one decode step when T = 1). ``cache`` = {"k", "v": [layers, B, S, kv_heads, head_dim]};
+        ``key_valid`` [B, S] marks cache slots holding real tokens (left padding is not). Query t sits at
+        slot ``index + t`` and attends to valid slots up to its own. Returns (fp32 logits, new cache)."""
+        t, s = input_ids.shape[1], key_valid.shape[1]
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg.rope, self.cfg.head_dim))
+        slots = index + jnp.arange(t)
+        mask = (jnp.arange(s)[None, :] <= slots[:, None])[None] & key_valid[:, None, :].astype(bool)
+
+        def layer_fn(layer, h, kv):
+            return layer.decode(h, cos, sin, mask, kv[0], kv[1], index)
+
+        x, (k, v) = self.run_layers(layer_fn, self.embed_tokens(input_ids), (cache["k"], cache["v"]))
+        return self.logits(x), {"k": k, "v": v}
+
+    def init_cache(self, batch: int, length: int) -> dict:
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        dtype = resolve_dtype(cfg.compute_dtype)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def run_layers(self, fn, x: jax.Array, per_layer=None):
+        """(x, ys) <- fn(layer_i, x, per_layer[i]) for each layer, scanned or unrolled, rematerialised per
+        layer; ``per_layer`` arrays have a leading layers axis (e.g. a KV cache), ``ys`` are stacked."""
         graphdef, state = nnx.split(self.layers)
 
-        def body(carry, layer_state):
-            return constrain(fn(nnx.merge(graphdef, layer_state), carry), self.mesh, ACT), None
+        def body(carry, xs):
+            layer_state, extra = xs
+            carry, ys = fn(nnx.merge(graphdef, layer_state), carry, extra)
+            return constrain(carry, self.mesh, ACT), ys
 
         if self.cfg.remat != "none":
             body = jax.checkpoint(
                 body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers
             )
         if self.cfg.scan_layers:
-            return jax.lax.scan(body, x, state)[0]
+            return jax.lax.scan(body, x, (state, per_layer))
+        outs = []
         for i in range(self.cfg.num_layers):
-            x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], state))
-        return x
+            x, y = body(x, jax.tree.map(lambda a, i=i: a[i], (state, per_layer)))
+            outs.append(y)
+        return x, (None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs))

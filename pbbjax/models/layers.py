@@ -136,6 +136,13 @@ class Attention(nnx.Module):
         q, k, v = self.project_qkv(x, cos, sin)
         return self.attend(q, k, v, mask)
 
+    def decode(self, x, cos, sin, mask, k_cache, v_cache, index):
+        """Write this step's keys/values at slot ``index`` of the cache, then attend over the cache."""
+        q, k, v = self.project_qkv(x, cos, sin)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        return self.attend(q, k_cache, v_cache, mask), k_cache, v_cache
+
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, stack: int | None = None):
@@ -173,3 +180,12 @@ class DecoderLayer(nnx.Module):
         eps = self.cfg.rms_norm_eps
         x = x + self.attn(rms_norm(x, self.input_norm[...], eps), cos, sin, mask)
         return x + self.mlp(rms_norm(x, self.post_attn_norm[...], eps))
+
+    def decode(self, x, cos, sin, mask, k_cache, v_cache, index):
+        """The layer with a KV cache: returns (x, (k_cache, v_cache))."""
+        eps = self.cfg.rms_norm_eps
+        y, k_cache, v_cache = self.attn.decode(
+            rms_norm(x, self.input_norm[...], eps), cos, sin, mask, k_cache, v_cache, index
+        )
+        x = x + y
+        return x + self.mlp(rms_norm(x, self.post_attn_norm[...], eps)), (k_cache, v_cache)
