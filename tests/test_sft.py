@@ -112,3 +112,29 @@ def test_non_finite_step_leaves_the_state_unchanged(hf_dirs):
             assert all(np.array_equal(a, b) for a, b in pairs)
             break
     assert not all(finite), "a learning rate of 1e38 must overflow"
+
+
+@pytest.mark.slow
+def test_smollm2_loss_decreases_over_20_steps(smollm2_dir):
+    """The real 135M model on real PBB rows (arithmetic, stage 1 of proactive): 20 steps lower the loss."""
+    from pbbjax.curriculum import CurriculumConfig, build_curriculum
+    from pbbjax.models.hf_io import load_tokenizer
+    from pbbjax.pipeline import PipelineConfig, make_dataset, tokenize_rows
+    from pbbjax.tasks.base import get_domain
+
+    rows = (
+        build_curriculum(
+            get_domain("arithmetic"),
+            "proactive",
+            CurriculumConfig(
+                num_train_instructions=8, num_eval_instructions=2, decl_repeats=2, exec_per_instruction=2
+            ),
+        )
+        .stages[0]
+        .rows
+    )
+    examples = tokenize_rows(rows, load_tokenizer(smollm2_dir), 128)
+    it = iter(make_dataset(examples, PipelineConfig(seq_len=128, batch_size=2, num_epochs=None)))
+    batches = [next(it) for _ in range(5)]
+    _, losses = _run(smollm2_dir, OptimConfig(learning_rate=1e-4, warmup_steps=2), batches, steps=20)
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses

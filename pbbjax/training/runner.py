@@ -142,6 +142,10 @@ class Runner:
             self._export(stage.name, params)
         self.ckpt.wait()
         self._print_results(results)
+        if jax.process_count() > 1:  # no host leaves while another still writes
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("pbbjax-run-end")
         return results
 
     def _restore(self):
