@@ -1,0 +1,190 @@
+"""The sampler's controls: temperature / top-k / top-p, n samples, log-probs, stop strings, bad input."""
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from pbbjax import generate, load_model
+from pbbjax.sampling import cut_at_stop, generate_tokens, process_logits
+
+PROMPT = [5, 17, 33, 2, 9, 101, 64]
+NO_EOS = dict(eos_ids=(-1,), pad_id=0)  # no token ends a row, so the first token is always kept
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_dirs):
+    model, _ = load_model(hf_dirs["llama_gqa"][1])
+    return model
+
+
+def _last_logits(model, ids) -> np.ndarray:
+    return np.asarray(model(np.asarray([ids], np.int32)))[0, -1].astype(np.float64)
+
+
+def _np_process(logits, temperature, top_k=0, top_p=1.0) -> np.ndarray:
+    """An independent numpy version of process_logits, float64."""
+    x = logits / temperature
+    if top_k:
+        x = np.where(x >= np.sort(x)[-top_k], x, -np.inf)
+    if top_p < 1:
+        probs = np.exp(x - x.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs, kind="stable")
+        m = int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1  # first cumulative sum >= top_p
+        keep = np.zeros(x.shape, bool)
+        keep[order[:m]] = True
+        x = np.where(keep, x, -np.inf)
+    return x
+
+
+def _log_softmax(x):
+    return x - x.max() - np.log(np.sum(np.exp(x - x.max())))
+
+
+def test_process_logits_by_hand():
+    logits = np.array([[1.0, 2.0, 3.0, 4.0]], np.float32)
+    inf = -np.inf
+    np.testing.assert_allclose(process_logits(logits, 2.0), [[0.5, 1.0, 1.5, 2.0]])
+    np.testing.assert_allclose(process_logits(logits, 0.0), logits)  # greedy: no scaling
+    np.testing.assert_allclose(process_logits(logits, 1.0, top_k=2), [[inf, inf, 3.0, 4.0]])
+    np.testing.assert_allclose(process_logits(logits, 1.0, top_k=9), logits)
+    p = np.log(np.array([[0.1, 0.2, 0.3, 0.4]], np.float32))
+    np.testing.assert_allclose(process_logits(p, 1.0, top_p=0.5), [[inf, inf, p[0, 2], p[0, 3]]])
+    np.testing.assert_allclose(process_logits(p, 1.0, top_p=0.35), [[inf, inf, inf, p[0, 3]]])
+    np.testing.assert_allclose(process_logits(p, 1.0, top_p=1e-4), [[inf, inf, inf, p[0, 3]]])
+    np.testing.assert_allclose(process_logits(p, 1.0, top_p=0.85), [[inf, *p[0, 1:]]])
+    np.testing.assert_allclose(process_logits(p, 1.0, top_p=0.95), p)
+    # top-p acts on the top-k distribution renormalised: 0.4 / 0.7 >= 0.5 alone.
+    np.testing.assert_allclose(process_logits(p, 1.0, top_k=2, top_p=0.5), [[inf, inf, inf, p[0, 3]]])
+    # Traced options (one compile for all values) agree with the static ones, row by row.
+    jitted = jax.jit(process_logits)
+    rows = np.concatenate([p, p[:, ::-1]])
+    for t, k, top_p in [(1.0, 0, 0.5), (0.5, 3, 1.0), (2.0, 2, 0.6), (1.0, 0, 1.0)]:
+        want = process_logits(rows, t, k, top_p)
+        np.testing.assert_allclose(jitted(rows, t, k, top_p), want)
+        np.testing.assert_allclose(want, np.stack([_np_process(r, t, k, top_p) for r in rows]), rtol=1e-6)
+
+
+def test_cut_at_stop():
+    assert cut_at_stop("abc\n\ndef END", ["END", "\n\n"]) == "abc"
+    assert cut_at_stop("abc END\n\n", ["\n\n", "END"]) == "abc "
+    assert cut_at_stop("abc", ["zzz"]) == "abc"
+    assert cut_at_stop("abc", None) == "abc"
+    assert cut_at_stop("abc", []) == "abc"
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 0.9)])
+def test_first_token_frequencies_match_softmax(tiny, temperature, top_k, top_p):
+    n = 2000
+    out = generate_tokens(
+        tiny, [PROMPT], 1, temperature=temperature, top_k=top_k, top_p=top_p, n=n, seed=1, **NO_EOS
+    )
+    first = np.array([t[0] for t in out])
+    x = _np_process(_last_logits(tiny, PROMPT), temperature, top_k, top_p)
+    probs = np.exp(x - x.max())
+    probs /= probs.sum()
+    assert set(first) <= set(np.flatnonzero(probs > 0))
+    # Bins in decreasing expected count; the rarest merged into one until every bin expects >= 5.
+    order = np.argsort(-probs)
+    expected, observed = n * probs[order], np.bincount(first, minlength=len(probs))[order]
+    cut = max(1, int(np.sum(expected >= 5)))
+    expected = np.append(expected[:cut], expected[cut:].sum())
+    observed = np.append(observed[:cut], observed[cut:].sum())
+    if expected[-1] < 5:
+        expected[-2:], observed[-2:] = [expected[-2:].sum(), 0], [observed[-2:].sum(), 0]
+        expected, observed = expected[:-1], observed[:-1]
+    assert len(expected) >= 5
+    p = stats.chisquare(observed, expected).pvalue
+    assert p > 1e-3, f"chi-square p = {p}"
+
+
+def test_top_k_and_top_p_stay_inside(tiny):
+    logits = _last_logits(tiny, PROMPT)
+    top5 = set(np.argsort(-logits)[:5])
+    out = generate_tokens(tiny, [PROMPT], 1, temperature=1.5, top_k=5, n=2000, seed=2, **NO_EOS)
+    seen = {t[0] for t in out}
+    assert seen <= top5 and len(seen) == 5
+    nucleus = set(np.flatnonzero(np.isfinite(_np_process(logits, 1.0, top_p=0.5))))
+    assert 1 < len(nucleus) < 100  # the tiny model's next-token distribution is flat
+    out = generate_tokens(tiny, [PROMPT], 1, temperature=1.0, top_p=0.5, n=2000, seed=3, **NO_EOS)
+    seen = {t[0] for t in out}
+    assert seen <= nucleus and len(seen) >= 10
+
+
+def test_n_samples_shape_order_and_seed(tiny):
+    """n samples per prompt are the prompt's row repeated, prompt-major: the same as repeating the prompts
+    (one batch shape, so one compile, for every call here)."""
+    prompts, short = [PROMPT, [7, 7, 3]], [7, 7, 3]
+    repeated = [PROMPT] * 3 + [short] * 3
+    greedy3 = generate_tokens(tiny, prompts, 5, n=3, **NO_EOS)
+    assert greedy3 == generate_tokens(tiny, repeated, 5, **NO_EOS)
+    assert greedy3[:3] == [greedy3[0]] * 3 and greedy3[3:] == [greedy3[3]] * 3 and greedy3[0] != greedy3[3]
+    sampled = generate_tokens(tiny, prompts, 5, temperature=1.0, n=3, seed=4, **NO_EOS)
+    assert len(sampled) == 6 and all(len(t) == 5 for t in sampled)
+    assert sampled == generate_tokens(tiny, repeated, 5, temperature=1.0, seed=4, **NO_EOS)
+    assert sampled != generate_tokens(tiny, prompts, 5, temperature=1.0, n=3, seed=5, **NO_EOS)
+    assert len({tuple(t) for t in sampled[:3]}) > 1  # the repeated rows draw independently
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.8, 10, 0.9), (0.0, 0, 1.0)])
+def test_logprobs_of_chosen_tokens(tiny, temperature, top_k, top_p):
+    steps = 5  # the shapes of test_n_samples_shape_order_and_seed's sampled call: no new compile
+    tokens, logprobs = generate_tokens(
+        tiny, [PROMPT, PROMPT], steps, temperature=temperature, top_k=top_k, top_p=top_p, n=3, seed=6,
+        return_logprobs=True, **NO_EOS,
+    )  # fmt: skip
+    assert [len(t) for t in tokens] == [len(lp) for lp in logprobs] == [steps] * 6
+    for row, lps in zip(tokens[:3], logprobs[:3], strict=True):
+        # One full forward over prompt + generated tokens scores every step independently of the cache.
+        full = np.asarray(tiny(np.asarray([PROMPT + row], np.int32)))[0].astype(np.float64)
+        for j, (tok, lp) in enumerate(zip(row, lps, strict=True)):
+            logits = full[len(PROMPT) - 1 + j]
+            if temperature == 0:
+                assert tok == np.argmax(logits)
+                want = _log_softmax(logits)[tok]  # greedy: the temperature-1 softmax of the raw logits
+            else:
+                want = _log_softmax(_np_process(logits, temperature, top_k, top_p))[tok]
+            assert lp == pytest.approx(want, abs=1e-3 if j else 1e-4)
+
+
+class CharTokenizer:
+    """One token per ASCII character (the tiny model's vocabulary is 128)."""
+
+    eos_token_id, pad_token_id = 0, None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_generate_stop_strings(tiny):
+    tok = CharTokenizer()
+    prompts = ["hello", "abc"]
+    texts = generate(tiny, tok, prompts, 12, temperature=1.0, seed=7, n=4)
+    assert len(texts) == 8
+    longest = max(texts, key=len)
+    assert len(longest) >= 4
+    stop = longest[len(longest) // 2 : len(longest) // 2 + 2]
+    cut = generate(tiny, tok, prompts, 12, temperature=1.0, seed=7, n=4, stop=[stop, "\u2603"])
+    assert cut == [t[: t.index(stop)] if stop in t else t for t in texts]
+    assert cut != texts
+    assert generate(tiny, tok, prompts, 12, temperature=1.0, seed=7, n=4, stop=["\u2603"]) == texts
+
+
+def test_bad_input(tiny):
+    tok = CharTokenizer()
+    with pytest.raises(ValueError, match="at least one prompt"):
+        generate(tiny, tok, [])
+    with pytest.raises(ValueError, match="at least one prompt"):
+        generate_tokens(tiny, [], 4, **NO_EOS)
+    with pytest.raises(ValueError, match="prompt 2 is empty"):
+        generate(tiny, tok, ["a", "b", ""])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate_tokens(tiny, [[1], []], 4, **NO_EOS)
+    with pytest.raises(ValueError, match=r"prompt 1 has 5 tokens.*max_prompt_len=4"):
+        generate(tiny, tok, ["abc", "abcde"], max_prompt_len=4)
+    with pytest.raises(ValueError, match=r"prompt 0 has 3 tokens.*max_prompt_len=2"):
+        generate_tokens(tiny, [[1, 2, 3]], 4, max_prompt_len=2, **NO_EOS)
