@@ -140,8 +140,8 @@ def _cpu(c):
         )
     )
     c.pipeline.update(dict(seq_len=256, batch_size=8))
-    c.train.update(dict(learning_rate=2e-4, warmup_steps=2, epochs=1, checkpoint_every=5))
-    c.eval.update(dict(sets=["eval"], max_rows=20, max_new_tokens=12, batch_size=20))
+    c.train.update(dict(learning_rate=2e-4, warmup_steps=3, epochs=3, checkpoint_every=5))
+    c.eval.update(dict(sets=["eval", "train"], max_rows=20, max_new_tokens=12, batch_size=20, at_start=True))
 
 
 def _tiny(c):

@@ -88,7 +88,7 @@ def test_loss_sums_by_hand():
     num, den = masked_loss_sums(logits, tokens, mask, seg, "token")
     assert np.isclose(num, -np.log(0.5) - np.log(0.25)) and den == 2
     tokens2 = jnp.array([[0, 1, 0, 1]])
-    logits2 = jnp.log(jnp.array([[[0.5, 0.5], [0.2, 0.8], [0.5, 0.5], [0.3, 0.7]]]))
+    logits2 = jnp.log(jnp.array([[[0.5, 0.5], [0.2, 0.8], [0.3, 0.7], [0.5, 0.5]]]))
     mask2, seg2 = jnp.array([[0, 1, 0, 1]]), jnp.array([[1, 1, 2, 2]])
     num, den = masked_loss_sums(logits2, tokens2, mask2, seg2, "sequence")
     assert np.isclose(num / den, (-np.log(0.5) - np.log(0.7)) / 2) and den == 2
