@@ -61,9 +61,11 @@ def test_run_ends_with_a_results_table(uninterrupted):
 def test_sigkill_mid_stage_then_restart_ends_with_the_same_parameters(uninterrupted, tmp_path):
     proc = _train(tmp_path, wait=False)
     deadline = time.time() + 600
-    while time.time() < deadline:  # kill once stage 1 is past its first checkpoint, mid-stage
+    ckpts = tmp_path / "checkpoints"
+    while time.time() < deadline:  # kill mid-stage-1, once its first checkpoint is committed
         steps = [r for r in _logged_steps(tmp_path) if "stage1/loss" in r]
-        if len(steps) >= 3:
+        committed = ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
+        if len(steps) >= 3 and committed:
             break
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.2)
