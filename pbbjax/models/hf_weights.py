@@ -281,3 +281,57 @@ def save_tensors(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path, max_s
         weight_map.update({name: final for name in names})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def save_tensors_streaming(
+    specs: list[tuple[str, tuple[int, ...], np.dtype]],
+    tensors: Iterator[tuple[str, np.ndarray]],
+    out_dir: Path,
+    max_shard_bytes: int,
+) -> None:
+    """``save_tensors``' files and index, holding one tensor at a time instead of a shard.
+
+    ``specs`` lists every tensor's (HF name, shape, dtype) in order, so each shard's header is written
+    before its data; each tensor from ``tensors`` (the same order) is then appended to its shard.
+    """
+    shards: list[list[tuple[str, tuple[int, ...], np.dtype, int]]] = [[]]
+    size = total = 0
+    for name, shape, dtype in specs:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tuple(shape), np.dtype(dtype), nbytes))
+        size += nbytes
+        total += nbytes
+    n = len(shards)
+    files = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    tensors = iter(tensors)
+    for file, shard in zip(files, shards, strict=True):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dtype, nbytes in shard:
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype.name],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data start 8-byte aligned, as safetensors writes them
+        with open(out_dir / file, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for name, shape, dtype, _ in shard:
+                got, x = next(tensors)
+                if (got, x.shape, x.dtype) != (name, shape, dtype):
+                    raise ValueError(f"expected tensor {name} {shape} {dtype}, got {got} {x.shape} {x.dtype}")
+                f.write(np.ascontiguousarray(x).reshape(-1).view(np.uint8).data)
+                del x  # dropped before the next tensor is produced
+    if next(tensors, None) is not None:
+        raise ValueError("more tensors than specs")
+    if n > 1:
+        weight_map = {name: file for file, shard in zip(files, shards, strict=True) for name, *_ in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
