@@ -1,0 +1,150 @@
+"""``python -m pbbjax.evaluate --config configs/proactive.py[:preset] --checkpoint DIR``: evaluate a model.
+
+``--checkpoint`` is either a Hugging Face directory (e.g. a run's ``export/<stage>/``) or a run's Orbax
+checkpoint (its workdir, its ``checkpoints/`` dir or one ``<step>/`` dir; ``--stage`` / ``--step`` pick
+one, as for ``pbbjax.export``). The config gives the curriculum, domain, seed (hence the same instructions
+and held-out inputs as the run) and the evaluation settings (``--config.eval.modes=...`` etc.). It prints
+the table and writes ``results.json`` (the records) and the plots to ``--out`` (default:
+``<the run's workdir>/evaluations/<label>``, or ``<DIR>/evaluation`` for an HF directory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally :preset")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "an HF model directory or a run's Orbax checkpoint")
+_STAGE = flags.DEFINE_string("stage", None, "Orbax: the newest checkpoint of this stage")
+_STEP = flags.DEFINE_integer("step", None, "Orbax: the checkpoint of this global step")
+_OUT = flags.DEFINE_string("out", None, "where results.json and plots/ go")
+
+
+def model_from_checkpoint(source: Path, step_dir: Path, config, mesh):
+    """The model of ``source``'s config.json with the parameters saved in an Orbax checkpoint step
+    directory, each restored straight into its shard (no base weights are read)."""
+    import jax
+    import orbax.checkpoint as ocp
+    from etils import epath
+    from flax import nnx
+
+    from pbbjax.models.config import ModelConfig
+    from pbbjax.models.decoder import Transformer
+    from pbbjax.models.hf_io import param_shardings
+
+    cfg = ModelConfig.from_dir(
+        source,
+        param_dtype=config.model.dtype,
+        compute_dtype=config.model.compute_dtype or config.model.dtype,
+        generation_config=json.loads(p.read_text())
+        if (p := source / "generation_config.json").is_file()
+        else {},
+    )
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh))
+    shardings = param_shardings(abstract, mesh)
+    graphdef, state = nnx.split(abstract)
+    for path, var in nnx.to_flat_state(state):
+        spec = var.get_value()
+        var.set_value(
+            jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=shardings[".".join(map(str, path))])
+        )
+    item = {"params": state}
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
+    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        params = ckptr.restore(epath.Path(step_dir) / "state", args=args)["params"]
+    return nnx.merge(graphdef, params)
+
+
+def load_for_eval(config, checkpoint: Path, stage=None, step=None):
+    """(model with the checkpoint's parameters, tokenizer, label, default output directory)."""
+    from pbbjax.export import find_checkpoints, select_checkpoint
+    from pbbjax.models.hf_io import load_model, load_tokenizer
+    from pbbjax.models.sharding import make_mesh
+
+    mesh = make_mesh(**config.mesh)
+    if (checkpoint / "config.json").is_file():  # a Hugging Face directory
+        options = dict(dtype=config.model.dtype, mesh=mesh, compute_dtype=config.model.compute_dtype or None)
+        model, tokenizer = load_model(checkpoint, **options)
+        return model, tokenizer, checkpoint.name, checkpoint / "evaluation"
+    found, workdir = find_checkpoints(checkpoint)
+    chosen = select_checkpoint(found, checkpoint, stage, step)
+    source = workdir / "source_model"  # the run's config.json and tokenizer (pbbjax.export writes it)
+    if not (source / "config.json").is_file():
+        source = workdir / "tiny_model" if config.model.tiny else Path(config.model.path or _default())
+    model = model_from_checkpoint(source, chosen.path, config, mesh)
+    label = f"{chosen.stage}-step{chosen.step}" if chosen.step is not None else f"{chosen.stage}-end"
+    logging.warning("evaluating %s", chosen)
+    return model, load_tokenizer(source), label, workdir / "evaluations" / label
+
+
+def _default() -> str:
+    import pbbjax
+
+    return str(pbbjax.default_model_path())
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    if config is None or not _CHECKPOINT.value:
+        raise app.UsageError("--config and --checkpoint are required")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    from flax import nnx
+
+    from pbbjax.config import curriculum_config, domain_of, pipeline_config
+    from pbbjax.curriculum import build_curriculum
+    from pbbjax.evaluation import evaluate, results_table
+    from pbbjax.plots import write_plots
+    from pbbjax.training import sft
+    from pbbjax.training.runner import eval_config
+
+    checkpoint = Path(_CHECKPOINT.value)
+    if not checkpoint.is_dir():
+        raise app.UsageError(f"--checkpoint {checkpoint} is not a directory")
+    model, tokenizer, label, out = load_for_eval(config, checkpoint, _STAGE.value, _STEP.value)
+    out = Path(_OUT.value) if _OUT.value else out
+    domain = domain_of(config)
+    curriculum = build_curriculum(domain, config.curriculum, curriculum_config(config))
+    graphdef, params = nnx.split(model)
+    sharding = sft.batch_sharding(model.mesh)
+
+    def put(batch):
+        import jax
+
+        return jax.make_array_from_process_local_data(sharding, batch)
+
+    records = evaluate(
+        model,
+        params,
+        tokenizer,
+        domain,
+        curriculum,
+        eval_config(config),
+        eval_step=sft.make_eval_step(graphdef, config.train.loss_mode),
+        seq_len=pipeline_config(config).seq_len,
+        put=put,
+        cot=config.data.cot,
+    )
+    records = [{"after": label, "step": 0, "final": True, **r} for r in records]
+    out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "curriculum": config.curriculum,
+        "domain": config.domain,
+        "seed": config.seed,
+        "records": records,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{config.curriculum} curriculum, {config.domain}, seed {config.seed}: {checkpoint}")
+    print(results_table(records))
+    for path in write_plots(records, out / "plots", title=f"{config.curriculum}, {config.domain}: {label}"):
+        print(f"plot: {path}")
+    print(f"results: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    app.run(main)

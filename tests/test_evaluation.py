@@ -1,0 +1,165 @@
+"""Evaluation: confidence intervals, modes, scoring, breakdowns, grammar measures and plots."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from pbbjax.curriculum import CurriculumConfig, build_curriculum
+from pbbjax.evaluation import (
+    ZERO_SHOT_HINT,
+    EvalConfig,
+    bootstrap_ci,
+    grammar_measures,
+    render_prompt,
+    results_table,
+    score_texts,
+    summarize,
+)
+from pbbjax.formatting import IN_CONTEXT_PREFIX
+from pbbjax.plots import ad_curve, exchange_rate, write_plots
+from pbbjax.tasks.base import get_domain
+
+
+class PlainTokenizer:
+    """No chat template: prompts pass through as ``<prompt>\\n``."""
+
+    chat_template = None
+
+
+@pytest.fixture(scope="module")
+def arithmetic():
+    domain = get_domain("arithmetic", length=[1, 3])
+    cfg = CurriculumConfig(num_train_instructions=4, num_eval_instructions=3, eval_inputs=4, seed=1)
+    return domain, build_curriculum(domain, "proactive", cfg)
+
+
+def test_bootstrap_over_rows_agrees_with_scipy():
+    scores = (np.random.default_rng(0).random(300) < 0.3).astype(float)
+    lo, hi = bootstrap_ci(scores, np.zeros(300), n_boot=4000, seed=1)  # one cluster: rows are resampled
+    ref = stats.bootstrap((scores,), np.mean, n_resamples=4000, method="percentile", random_state=1)
+    assert lo == pytest.approx(ref.confidence_interval.low, abs=0.01)
+    assert hi == pytest.approx(ref.confidence_interval.high, abs=0.01)
+    assert lo < scores.mean() < hi
+
+
+def test_bootstrap_resamples_instructions_not_rows():
+    # Two instructions, one always right and one always wrong: the mean is 0, 0.5 or 1 in a resample,
+    # so the interval spans [0, 1]; resampling rows would pretend to know the accuracy to +-0.1.
+    scores = [1.0] * 50 + [0.0] * 50
+    clusters = ["a"] * 50 + ["b"] * 50
+    assert bootstrap_ci(scores, clusters, seed=0) == (0.0, 1.0)
+    lo, hi = bootstrap_ci(scores, np.arange(100), seed=0)
+    assert 0.35 < lo < 0.5 < hi < 0.65
+    assert np.isnan(bootstrap_ci([], [])[0])
+    assert bootstrap_ci([1.0, 1.0], ["a", "b"]) == (1.0, 1.0)
+
+
+def test_modes_render_the_prompt_and_prefill(arithmetic):
+    domain, cur = arithmetic
+    row = cur.eval_sets["eval"][0]
+    ins = cur.instructions[row.instruction_id]
+    text, prefill = render_prompt(PlainTokenizer(), row, ins, "direct")
+    assert (text, prefill) == (f"{row.prompt}\nAnswer:", "Answer:")
+    assert render_prompt(PlainTokenizer(), row, ins, "cot") == (f"{row.prompt}\n", "")
+    text, _ = render_prompt(PlainTokenizer(), row, ins, "zero_shot")
+    assert text == f"{row.prompt}{ZERO_SHOT_HINT}\n"
+    text, _ = render_prompt(PlainTokenizer(), row, ins, "in_context")
+    prefix = IN_CONTEXT_PREFIX.format(name=ins.name, text=ins.text)
+    assert text == f"{prefix}{row.prompt}\n" and ins.text in text
+    ic_row = next(r for r in cur.eval_sets["in_context"] if r.instruction_id == row.instruction_id)
+    text, _ = render_prompt(PlainTokenizer(), ic_row, ins, "in_context")
+    assert text.count(ins.text) == 1, "rows that already carry the instruction are not prefixed twice"
+    with pytest.raises(ValueError, match="eval.modes has 'fewshot'"):
+        EvalConfig(modes=("fewshot",))
+
+
+def test_scores_come_from_real_execution(arithmetic):
+    domain, cur = arithmetic
+    rows = cur.eval_sets["eval"]
+    right = [f"Answer: {r.output}" for r in rows]
+    wrong = [f"Answer: {json.loads(r.output) + 1}" for r in rows]
+    assert score_texts(domain, cur.instructions, rows, right) == [1.0] * len(rows)
+    assert score_texts(domain, cur.instructions, rows, wrong) == [0.0] * len(rows)
+    assert score_texts(domain, cur.instructions, rows, ["no marker"] * len(rows)) == [0.0] * len(rows)
+    # The CoT form: the answer after the last marker counts.
+    cot = [f"step 1: Answer: {json.loads(r.output) + 1}\nAnswer: {r.output}" for r in rows]
+    assert score_texts(domain, cur.instructions, rows, cot) == [1.0] * len(rows)
+
+
+def test_summary_breaks_accuracy_down_by_program_length(arithmetic):
+    domain, cur = arithmetic
+    rows = cur.eval_sets["eval"] + cur.eval_sets["train"]
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 2, len(rows)).astype(float).tolist()
+    out = summarize(scores, rows, cur.instructions, EvalConfig(bootstrap=200))
+    assert out["n"] == len(rows) and out["accuracy"] == pytest.approx(np.mean(scores))
+    lengths = [cur.instructions[r.instruction_id].meta["length"] for r in rows]
+    for length, entry in out["by_length"].items():
+        mine = [s for s, n in zip(scores, lengths, strict=True) if str(n) == length]
+        assert entry["n"] == len(mine) and entry["accuracy"] == pytest.approx(np.mean(mine))
+        assert entry["ci_low"] <= entry["accuracy"] <= entry["ci_high"]
+    assert sum(e["n"] for e in out["by_length"].values()) == len(rows)
+    assert "by_shift" not in out  # arithmetic examples have no shift
+
+
+def test_grammar_measures_diversity_and_the_random_baseline():
+    domain = get_domain("grammars")
+    cfg = CurriculumConfig(num_train_instructions=2, num_eval_instructions=2, eval_inputs=6, seed=0)
+    cur = build_curriculum(domain, "proactive", cfg)
+    rows = [r for r in cur.eval_sets["eval"] if r.input == "null"]
+    assert rows
+    valid = [f"Answer: {r.output}" for r in rows]  # sentences the grammar generated: all accepted
+    assert score_texts(domain, cur.instructions, rows, valid) == [1.0] * len(rows)
+    m = grammar_measures(domain, cur.instructions, rows, valid, seed=0)
+    assert m["random_baseline"] < 0.5, "random word strings are rarely sentences of the grammar"
+    same = [valid[0]] * len(rows)
+    assert grammar_measures(domain, cur.instructions, rows, same, seed=0)["diversity"] < m["diversity"]
+
+
+def _record(after, step, acc, final=True, **extra):
+    return dict(
+        after=after,
+        step=step,
+        final=final,
+        set="eval",
+        group="eval",
+        mode="direct",
+        n=20,
+        loss=1.0,
+        accuracy=acc,
+        ci_low=max(acc - 0.1, 0),
+        ci_high=min(acc + 0.1, 1),
+        **extra,
+    )
+
+
+def test_exchange_rate_by_hand():
+    assert exchange_rate([1, 10, 100], [0.1, 0.3, 0.5], 0.4) == pytest.approx(10**1.5)
+    assert exchange_rate([1, 10, 100], [0.1, 0.3, 0.5], 0.3) == pytest.approx(10.0)
+    assert exchange_rate([1, 10, 100], [0.1, 0.3, 0.5], 0.05) == 1.0
+    assert exchange_rate([1, 10, 100], [0.1, 0.3, 0.5], 0.9) is None
+    curve = ad_curve([_record("ad10", 5, 0.3), _record("stage1", 2, 0.0), _record("ad2", 3, 0.1)])
+    assert [n for n, _ in curve] == [2, 10]
+
+
+def test_plots_and_table_from_records(tmp_path):
+    by_length = {"by_length": {"1": {"n": 10, "accuracy": 0.5, "ci_low": 0.3, "ci_high": 0.7}}}
+    records = [
+        _record("start", 0, 0.0),
+        _record("stage1", 10, 0.2, **by_length),
+        _record("stage2", 15, 0.3, final=False),
+        _record("stage2", 20, 0.4),
+        _record("ad1", 25, 0.1),
+        _record("ad5", 30, 0.35),
+    ]
+    paths = write_plots(records, tmp_path, title="test", pbb=_record("stage2", 20, 0.3))
+    names = sorted(p.name for p in paths)
+    assert names == sorted(
+        ["accuracy_by_stage.png", "accuracy_by_length.png", "accuracy_over_steps.png", "exchange_rate.png"]
+    )
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    table = results_table(records)
+    assert "ci95" in table.splitlines()[0] and "[0.100, 0.300]" in table
