@@ -1,11 +1,41 @@
 """Retroactive PBB: stage 1 = declarative examples of all instructions; stage 2 = execution of train
-instructions by SFT (the RL variant arrives with GRPO). Eval-instruction accuracy is tracked through stage 2.
+instructions, by SFT (the default presets) or by GRPO (the ``rl`` presets). Eval-instruction accuracy is
+tracked through stage 2 (``train.eval_every``), the paper's Fig. 3 upper right.
 
     python -m pbbjax.train --config configs/retroactive.py[:preset]
+
+Presets: those of every config (``cpu``, ``tiny``, a paper-scale model, each optionally ``,<mesh>``), and
+``rl`` (the CPU demo with GRPO in stage 2), ``rl-tiny`` (a tiny random model, for tests) and
+``rl-<model>`` (a paper-scale model with GRPO, e.g. ``rl-qwen3-4b,v5p-8``).
 """
 
 from pbbjax.config import base_config, select_preset
 
 
+def _grpo(c, scale: str) -> None:
+    c.rl.stages = ("stage2",)
+    if scale == "tiny":
+        c.rl.update(
+            dict(num_generations=4, prompts_per_step=2, max_new_tokens=8, learning_rate=1e-3, steps=4)
+        )
+        c.train.eval_every = 2
+    elif scale == "cpu":
+        c.rl.update(
+            dict(num_generations=4, prompts_per_step=4, max_new_tokens=12, learning_rate=1e-5, steps=30)
+        )
+        c.train.eval_every = 10
+    else:  # paper scale: G = 8 CoT rollouts for each of 32 prompts per step
+        c.rl.update(
+            dict(num_generations=8, prompts_per_step=32, max_new_tokens=512, learning_rate=1e-6, steps=200)
+        )
+        c.train.eval_every = 20
+
+
 def get_config(preset: str | None = None):
-    return select_preset(base_config("retroactive"), preset)
+    name, sep, mesh = (preset or "cpu").partition(",")
+    rl = name == "rl" or name.startswith("rl-")
+    base = {"rl": "cpu", "rl-tiny": "tiny"}.get(name, name.removeprefix("rl-") if rl else name)
+    c = select_preset(base_config("retroactive"), base + sep + mesh)
+    if rl:
+        _grpo(c, base if base in ("cpu", "tiny") else "paper")
+    return c

@@ -51,7 +51,13 @@ def test_run_ends_with_a_results_table(uninterrupted):
     workdir, out = uninterrupted
     assert "after" in out and "accuracy" in out and "stage2" in out
     results = json.loads((workdir / "results.json").read_text())
-    assert set(results) == {"stage1", "stage2"} and results["stage2"]["eval"]["n"] > 0
+    assert results["curriculum"] == "proactive" and results["domain"] == "arithmetic"
+    records = results["records"]
+    assert {r["after"] for r in records} == {"stage1", "stage2"}
+    for r in records:
+        assert r["n"] > 0 and 0 <= r["ci_low"] <= r["accuracy"] <= r["ci_high"] <= 1
+        assert r["group"] == r["set"] and r["mode"] == "direct" and "by_length" in r
+    assert (workdir / "plots" / "accuracy_by_stage.png").stat().st_size > 0
     losses = [r["stage1/loss"] for r in _logged_steps(workdir) if "stage1/loss" in r]
     assert losses[-1] < losses[0], "training lowers the loss"
     assert (workdir / "export" / "stage1" / "config.json").exists()
@@ -140,3 +146,28 @@ def test_unknown_config_field_is_a_clear_error(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ)
     assert done.returncode != 0
     assert "learning_rat" in done.stderr and "learning_rate" in done.stderr
+
+
+def _evaluate_cli(checkpoint, out, *extra):
+    cmd = [sys.executable, "-m", "pbbjax.evaluate", *TINY[:2], f"--checkpoint={checkpoint}", f"--out={out}"]
+    done = subprocess.run(cmd + list(extra), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((Path(out) / "results.json").read_text())["records"]
+
+
+def test_evaluate_cli_on_an_export_and_on_an_orbax_checkpoint(uninterrupted, tmp_path):
+    workdir, _ = uninterrupted
+    run = json.loads((workdir / "results.json").read_text())["records"]
+    want = {(r["after"], r["set"]): r for r in run}
+    # The HF export of stage 1, and the newest Orbax checkpoint (the end of stage 2): the same held-out
+    # loss as the run measured there, so the same parameters and the same evaluation data.
+    for checkpoint, stage in ((workdir / "export" / "stage1", "stage1"), (workdir, "stage2")):
+        got = _evaluate_cli(checkpoint, tmp_path / stage, "--config.eval.modes=direct,zero_shot")
+        assert {(r["set"], r["mode"]) for r in got} == {
+            (s, m) for s in ("eval", "train") for m in ("direct", "zero_shot")
+        }
+        for r in got:
+            assert r["loss"] == pytest.approx(want[(stage, r["set"])]["loss"], rel=1e-5)
+            if r["mode"] == "direct":
+                assert r["accuracy"] == want[(stage, r["set"])]["accuracy"]
+        assert (tmp_path / stage / "plots" / "accuracy_by_stage.png").exists()

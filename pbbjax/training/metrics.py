@@ -224,11 +224,12 @@ class Progress:
 
             self._bar = tqdm(total=total_steps, initial=initial, desc=stage_name, file=self.stream)
 
-    def update(self, step: int, *, loss=None, tokens_per_s=None, lr=None) -> None:
-        """Move to the absolute ``step``; the values given replace the ones shown (numbers or 0-d arrays)."""
+    def update(self, step: int, *, loss=None, tokens_per_s=None, lr=None, **extra) -> None:
+        """Move to the absolute ``step``; the values given replace the ones shown (numbers or 0-d arrays);
+        ``extra`` values (e.g. ``reward``) are shown under their own names."""
         if not self.enabled:
             return
-        fields = {"loss": loss, "tok/s": tokens_per_s, "lr": lr}
+        fields = {"loss": loss, **extra, "tok/s": tokens_per_s, "lr": lr}
         self._fields.update({k: _to_float(v) for k, v in fields.items() if v is not None})
         self.step = step
         if self._bar is not None:

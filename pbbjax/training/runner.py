@@ -4,8 +4,10 @@ For each stage: tokenize its rows, count its steps (``train.epochs`` passes over
 batches, or ``train.steps``), build its optimizer and schedule (fresh state by default), start from the
 previous stage's parameters (or from the end of ``stage.start_from``, e.g. AD branches), then train,
 checkpointing every ``train.checkpoint_every`` steps and at the stage's end, and evaluate at the end (and
-every ``train.eval_every`` steps). Stage-end results go to ``<workdir>/results.json``; the model to
-``<workdir>/export/<stage>/`` in HF format.
+every ``train.eval_every`` steps). Stages named in ``rl.stages`` are trained by GRPO on their rows' prompts
+(``training/rollout.py``) instead of SFT on their rows. Evaluation records (``evaluation.py``) go to
+``<workdir>/results.json``, plots to ``<workdir>/plots/``, the model to ``<workdir>/export/<stage>/`` in
+HF format.
 
 Restarting the same command in the same workdir resumes from the newest checkpoint: the stage, the step
 within it, the parameters, the optimizer and the data iterator, so the run ends with the same parameters
@@ -21,18 +23,22 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pbbjax.config import curriculum_config, domain_of, pipeline_config
+from pbbjax.config import as_tuple, curriculum_config, domain_of, pipeline_config
 from pbbjax.curriculum import build_curriculum, derive_seed
-from pbbjax.evaluation import EvalConfig, evaluate
+from pbbjax.evaluation import EvalConfig, evaluate, results_table
+from pbbjax.formatting import chat_prompt
 from pbbjax.models.hf_io import load_model, save_model
 from pbbjax.models.sharding import make_mesh
 from pbbjax.pipeline import make_dataset, tokenize_rows
 from pbbjax.training import sft
 from pbbjax.training.checkpoint import Checkpointer, abstract_like, shape_digest
-from pbbjax.training.metrics import MetricsLogger, Progress, format_table, mfu, train_flops_per_token
+from pbbjax.training.grpo import GRPOConfig
+from pbbjax.training.metrics import MetricsLogger, Progress, mfu, train_flops_per_token
+from pbbjax.training.rollout import GRPOStepper, grpo_optimizer, text_reward_fn
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,25 @@ def optim_config(config) -> sft.OptimConfig:
 
 def eval_config(config) -> EvalConfig:
     d = {k: v for k, v in config.eval.to_dict().items() if k != "at_start"}
-    return EvalConfig(**{**d, "sets": tuple(d["sets"])})
+    d |= {k: as_tuple(d[k]) for k in ("sets", "modes", "breakdowns")}
+    return EvalConfig(**{**d, "seed": config.seed})
+
+
+def rl_config(config) -> GRPOConfig:
+    return GRPOConfig(**{k: v for k, v in config.rl.to_dict().items() if k != "stages"})
+
+
+class SFTStepper:
+    """One SFT step per call: the stage's next packed batch through the jitted train step."""
+
+    def __init__(self, train_step, iterator, put):
+        self.train_step, self.it, self.put = train_step, iterator, put
+
+    def __call__(self, state, step):
+        batch = next(self.it)
+        state, m = self.train_step(state, self.put(batch))
+        m = jax.device_get(m)
+        return state, m, int(np.sum(batch["segment_ids"] > 0)) * jax.process_count()
 
 
 class Runner:
@@ -66,12 +90,23 @@ class Runner:
             remat=config.model.remat,
         )
         self.graphdef, _ = nnx.split(self.model)
+        from pbbjax.export import write_source_model  # what `python -m pbbjax.export` needs of the model
+
+        write_source_model(self.workdir, self.model.cfg, self.tokenizer)
         self.domain = domain_of(config)
         self.curriculum = build_curriculum(self.domain, config.curriculum, curriculum_config(config))
         self.pipeline = pipeline_config(config)
         self.optim = optim_config(config)
         sft.check_batch(self.pipeline.batch_size, self.optim, self.mesh)
         self.eval_cfg = eval_config(config)
+        self.rl = rl_config(config)
+        self.rl_stages = set(as_tuple(config.rl.stages))
+        unknown = self.rl_stages - {s.name for s in self.curriculum.stages}
+        if unknown:
+            raise ValueError(
+                f"rl.stages names {sorted(unknown)}; the {config.curriculum} curriculum's stages are "
+                f"{[s.name for s in self.curriculum.stages]}"
+            )
         self.eval_step = sft.make_eval_step(self.graphdef, self.optim.loss_mode)
         self.batch_sharding = sft.batch_sharding(self.mesh)
         self.logger = MetricsLogger(self.workdir)
@@ -84,11 +119,14 @@ class Runner:
 
     # -- data -------------------------------------------------------------------------------------------
     def stage_data(self, stage):
+        """(packed-batch iterator, steps) of an SFT stage; (None, steps) of a GRPO stage."""
+        steps = self.config.train.steps
+        if stage.name in self.rl_stages:
+            return None, steps or self.rl.steps
         examples = tokenize_rows(stage.rows, self.tokenizer, self.pipeline.seq_len)
         cfg = dataclasses.replace(
             self.pipeline, seed=derive_seed(self.config.seed, "data", stage.name) % 2**32
         )
-        steps = self.config.train.steps
         if not steps:
             local = sum(
                 1
@@ -108,45 +146,94 @@ class Runner:
         return jax.make_array_from_process_local_data(self.batch_sharding, batch)
 
     # -- the run ----------------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self) -> list[dict]:
         stages = self.curriculum.stages
         data = [self.stage_data(s) for s in stages]
         offsets = np.cumsum([0] + [steps for _, steps in data]).tolist()
-        results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+        self.records = self._read_records()
         params = nnx.state(self.model)
         resume = self._restore()  # (state, meta) of the newest checkpoint, or None
-        if self.config.eval.at_start and "start" not in results:
-            results["start"] = self._evaluate(params)
-            self._write_results(results)
-        branched = {s.start_from for s in stages if s.start_from}
+        if self.config.eval.at_start and not self._evaluated("start"):
+            self._evaluate(params, "start", 0)
+        # Stages whose end is read back later: AD's branch points, and the references of GRPO stages with KL.
+        keep_end = {s.start_from for s in stages if s.start_from}
+        if self.rl.beta:
+            keep_end |= {_start_of(stages, i) for i, s in enumerate(stages) if s.name in self.rl_stages}
+        keep_end.discard(None)
         for si, (stage, (dataset, steps)) in enumerate(zip(stages, data, strict=True)):
             if resume is not None and resume[1]["stage_index"] > si:
                 continue  # finished before the restart; a branch loads its end from disk
             if stage.start_from:
                 params = self._load_stage_end(stage.start_from)  # from disk: the live arrays were donated
-            optimizer = sft.make_optimizer(self.optim, steps)
-            it, start = iter(dataset), 0
+            rl = stage.name in self.rl_stages
+            optimizer, schedule = grpo_optimizer(self.optim, self.rl, steps) if rl else (None, None)
+            optimizer = optimizer or sft.make_optimizer(self.optim, steps)
+            it, start = (None if rl else iter(dataset)), 0
             if resume is not None:  # the stage the run was in: parameters, optimizer and data position
                 (state, meta), resume = resume, None
                 start = meta["stage_step"]
-                it.set_state(meta["data_state"])
+                if it is not None:
+                    it.set_state(meta["data_state"])
             else:
                 state = sft.init_state(nnx.merge(self.graphdef, params), optimizer, self.mesh)
-            state = self._train_stage(si, stage, state, it, start, steps, optimizer, offsets[si])
+            shardings = sft.state_shardings(state)
+            if rl:
+                stepper = self._grpo_stepper(stage, si, stages, optimizer, schedule, shardings)
+            else:
+                train_step = sft.make_train_step(
+                    self.graphdef, optimizer, self.optim, steps, shardings, self.mesh
+                )
+                stepper = SFTStepper(train_step, it, self.put)
+            state = self._train_stage(si, stage, state, stepper, it, start, steps, offsets[si])
             params = state["params"]
-            if stage.name in branched:
+            if stage.name in keep_end:
                 self._save_stage_end(stage.name, params)
-            if stage.name not in results:
-                results[stage.name] = self._evaluate(params)
-                self._write_results(results)
+            if not self._evaluated(stage.name):
+                self._evaluate(params, stage.name, offsets[si + 1])
             self._export(stage.name, params)
         self.ckpt.wait()
-        self._print_results(results)
+        self._report()
         if jax.process_count() > 1:  # no host leaves while another still writes
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("pbbjax-run-end")
-        return results
+        return self.records
+
+    def _grpo_stepper(self, stage, si, stages, optimizer, schedule, shardings):
+        rows = [r for r in stage.rows if r.kind == "execution"]
+        if not rows:
+            raise ValueError(f"GRPO stage {stage.name!r} has no execution rows to take prompts from")
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        prompts = [
+            self.tokenizer(chat_prompt(self.tokenizer, r.prompt), add_special_tokens=not has_template)[
+                "input_ids"
+            ]
+            for r in rows
+        ]
+        reward_fn = text_reward_fn(
+            self.tokenizer, self.domain, self.curriculum.instructions, rows, self.rl.format_reward
+        )
+        eos = self.model.cfg.generation_config.get("eos_token_id", self.tokenizer.eos_token_id)
+        eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+        pad = self.tokenizer.pad_token_id
+        ref = None
+        if self.rl.beta:  # the reference: the stage's start (a copy: training donates the live arrays)
+            start = _start_of(stages, si)
+            ref = self._load_stage_end(start) if start else jax.tree.map(jnp.copy, nnx.state(self.model))
+        return GRPOStepper(
+            self.graphdef,
+            self.rl,
+            optimizer,
+            schedule,
+            shardings,
+            self.mesh,
+            prompts=prompts,
+            reward_fn=reward_fn,
+            eos_ids=eos_ids,
+            pad_id=eos_ids[0] if pad is None else pad,
+            seed=derive_seed(self.config.seed, "rl", stage.name) % 2**31,
+            ref_params=ref,
+        )
 
     def _restore(self):
         if self.ckpt.latest_step() is None:
@@ -157,17 +244,12 @@ class Runner:
         log.warning("resuming from checkpoint %d: stage %s, step %d", step, meta["stage"], meta["stage_step"])
         return state, meta
 
-    def _train_stage(self, si, stage, state, it, start, steps, optimizer, offset):
-        train_step = sft.make_train_step(
-            self.graphdef, optimizer, self.optim, steps, sft.state_shardings(state), self.mesh
-        )
+    def _train_stage(self, si, stage, state, stepper, it, start, steps, offset):
         progress = Progress(stage.name, steps, initial=start)
-        every = self.config.train.checkpoint_every
+        every, eval_every = self.config.train.checkpoint_every, self.config.train.eval_every
         t0, tokens = time.perf_counter(), 0
         for step in range(start, steps):
-            batch = next(it)
-            state, m = train_step(state, self.put(batch))
-            m = jax.device_get(m)
+            state, m, n_tokens = stepper(state, step)
             if not m["finite"]:
                 last = self.ckpt.latest_step()
                 raise NonFiniteLossError(
@@ -175,39 +257,33 @@ class Runner:
                     f"{m['grad_norm']} is not finite; stopped. The last good checkpoint ({last}) in "
                     f"{self.ckpt.directory} is kept."
                 )
-            tokens += int(np.sum(batch["segment_ids"] > 0)) * jax.process_count()
-            elapsed = time.perf_counter() - t0
-            tps = tokens / elapsed
-            metrics = {k: float(m[k]) for k in ("loss", "grad_norm", "learning_rate")}
+            tokens += n_tokens
+            tps = tokens / (time.perf_counter() - t0)
+            metrics = {k: float(v) for k, v in m.items() if k not in ("finite", "target_tokens")}
             metrics |= {"tokens_per_s": tps, "stage_step": step + 1}
             peak = self.config.train.peak_flops or None
-            if (value := mfu(tps, self.flops_per_token, peak, num_chips=jax.device_count())) is not None:
+            if stage.name not in self.rl_stages and (
+                value := mfu(tps, self.flops_per_token, peak, num_chips=jax.device_count())
+            ):
                 metrics["mfu"] = value
             self.logger.log(offset + step + 1, metrics, prefix=f"{stage.name}/")
-            progress.update(step + 1, loss=metrics["loss"], tokens_per_s=tps, lr=metrics["learning_rate"])
+            shown = {k: metrics[k] for k in ("loss", "reward") if k in metrics}
+            progress.update(step + 1, **shown, tokens_per_s=tps, lr=metrics["learning_rate"])
             if (step + 1) % every == 0 or step + 1 == steps:
-                meta = {
-                    "stage": stage.name,
-                    "stage_index": si,
-                    "stage_step": step + 1,
-                    "data_state": it.get_state(),
-                }
+                meta = {"stage": stage.name, "stage_index": si, "stage_step": step + 1}
+                meta["data_state"] = it.get_state() if it is not None else None
                 self.ckpt.save(offset + step + 1, state, meta, force=step + 1 == steps)
-            if (
-                self.config.train.eval_every
-                and (step + 1) % self.config.train.eval_every == 0
-                and step + 1 < steps
-            ):
-                self.logger.log(
-                    offset + step + 1, _flatten(self._evaluate(state["params"])), prefix=f"{stage.name}/eval/"
-                )
+            if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+                records = self._evaluate(state["params"], stage.name, offset + step + 1, final=False)
+                self.logger.log(offset + step + 1, _flatten(records), prefix=f"{stage.name}/eval/")
         progress.close()
         return state
 
     # -- evaluation, export, results --------------------------------------------------------------------
-    def _evaluate(self, params) -> dict:
+    def _evaluate(self, params, after: str, step: int, final: bool = True) -> list[dict]:
+        """Evaluate, add the records (``after`` = the stage, ``final`` = at its end) to results.json."""
         model = nnx.merge(self.graphdef, params)
-        return evaluate(
+        records = evaluate(
             model,
             params,
             self.tokenizer,
@@ -217,7 +293,15 @@ class Runner:
             eval_step=self.eval_step,
             seq_len=self.pipeline.seq_len,
             put=self.put,
+            cot=self.config.data.cot,
         )
+        records = [{"after": after, "step": step, "final": final, **r} for r in records]
+        self.records = [r for r in self.records if (r["after"], r["step"]) != (after, step)] + records
+        self._write_results()
+        return records
+
+    def _evaluated(self, after: str) -> bool:
+        return any(r["after"] == after and r["final"] for r in self.records)
 
     def _export(self, name, params):
         if self.config.train.export and (
@@ -245,23 +329,31 @@ class Runner:
             )
         return restored[0]["params"]
 
-    def _write_results(self, results):
+    def _read_records(self) -> list[dict]:
+        if not self.results_path.exists():
+            return []
+        data = json.loads(self.results_path.read_text())
+        return data.get("records", []) if isinstance(data, dict) else []
+
+    def _write_results(self):
         if self.primary:
+            c = self.config
+            data = {"curriculum": c.curriculum, "domain": c.domain, "seed": c.seed, "records": self.records}
             tmp = self.results_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results, indent=2))
+            tmp.write_text(json.dumps(data, indent=2))
             tmp.replace(self.results_path)
 
-    def _print_results(self, results):
+    def _report(self):
+        """The results table on stdout, and the plots in <workdir>/plots."""
         if not self.primary:
             return
-        rows = [
-            {"after": stage, "set": name, **entry}
-            for stage, sets in results.items()
-            for name, entry in sets.items()
-        ]
         c = self.config
         print(f"\n{c.curriculum} curriculum, {c.domain}, seed {c.seed}: {self.workdir}")
-        print(format_table(rows, ["after", "set", "n", "loss", "accuracy"]))
+        print(results_table([r for r in self.records if r["final"]]))
+        from pbbjax.plots import write_plots
+
+        for path in write_plots(self.records, self.workdir / "plots", title=f"{c.curriculum}, {c.domain}"):
+            print(f"plot: {path}")
 
 
 def _model_fingerprint(cfg) -> dict:
@@ -280,8 +372,19 @@ def _model_fingerprint(cfg) -> dict:
     return {f: getattr(cfg, f) for f in fields}
 
 
-def _flatten(results: dict) -> dict:
-    return {f"{s}/{k}": v for s, entry in results.items() for k, v in entry.items() if isinstance(v, float)}
+def _flatten(records: list[dict]) -> dict:
+    return {
+        f"{r['set']}/{r['mode']}/{k}": r[k]
+        for r in records
+        for k in ("accuracy", "loss")
+        if isinstance(r.get(k), float)
+    }
+
+
+def _start_of(stages, index: int) -> str | None:
+    """The stage whose end stage ``index`` starts from (None: the model as loaded)."""
+    stage = stages[index]
+    return stage.start_from or (stages[index - 1].name if index else None)
 
 
 def _min_over_hosts(n: int) -> int:

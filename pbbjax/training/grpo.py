@@ -1,0 +1,202 @@
+"""GRPO (group relative policy optimisation): the RL variant of retroactive PBB's stage 2, usable in general.
+
+One iteration: for each of ``prompts_per_step`` prompts, sample ``num_generations`` (G) completions with
+the sampler from the current parameters; reward each (``rollout.py``: correctness from the domain's scorer,
+plus an optional format reward); normalise rewards within each prompt's group into advantages; then take
+``num_iterations`` (μ) optimizer steps on the same rollouts with the clipped surrogate
+
+    loss_t = -min(r_t A, clip(r_t, 1 - epsilon, 1 + epsilon_high) A) + beta * KL_t,
+    r_t = exp(logp_t - logp_old_t),  KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1   (the k3 estimator)
+
+over completion tokens. The old log-probs are computed once per batch by the trainer's forward before the
+first update (so the first of the μ steps has ratio 1 up to float noise), not taken from the sampler, whose
+numerics differ slightly: the mean absolute gap between the two is logged as ``logp_gap``. The trainer's
+log-probs use ``logits / temperature``, the distribution the sampler drew from (ignoring top-k/top-p).
+
+Loss aggregation (``loss_agg``), as token weights that sum to 1 over the batch:
+
+- ``"token"``: every completion token of the batch weighs the same (DAPO);
+- ``"sequence"``: each completion's tokens share 1/B (the original GRPO: per-sequence mean, then mean);
+- ``"fixed"``: every token weighs 1/(B * max_new_tokens) (Dr. GRPO: no length bias).
+
+``scale_rewards=False`` drops the division by the group's standard deviation (Dr. GRPO).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from pbbjax.training.sft import batch_sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    num_generations: int = 8  # G: completions per prompt
+    prompts_per_step: int = 8  # prompts per iteration (a batch of prompts_per_step * G rollouts)
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    max_prompt_len: int = 256  # rollout prompts longer than this (in tokens) are an error; bounds memory
+    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
+    epsilon_high: float = 0.2  # upper clip: ratio <= 1 + epsilon_high (DAPO's "clip higher" uses 0.28)
+    beta: float = 0.0  # KL coefficient against the frozen reference (the stage's start); 0 = no reference
+    num_iterations: int = 1  # μ: optimizer steps per batch of rollouts
+    loss_agg: str = "token"  # "token" | "sequence" | "fixed"
+    scale_rewards: bool = True  # divide advantages by the group's reward standard deviation
+    format_reward: float = 0.0  # added to the reward when the completion has the answer marker
+    learning_rate: float = 1e-5  # replaces train.learning_rate in GRPO stages
+    steps: int = 50  # iterations per GRPO stage (train.steps, when set, wins)
+
+    def __post_init__(self):
+        if self.loss_agg not in ("token", "sequence", "fixed"):
+            raise ValueError(f"rl.loss_agg {self.loss_agg!r} is not 'token', 'sequence' or 'fixed'")
+        if self.num_generations < 2:
+            raise ValueError(
+                f"rl.num_generations must be >= 2 for group advantages, got {self.num_generations}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"rl.temperature must be > 0 (rollouts are sampled), got {self.temperature}")
+        if self.num_iterations < 1 or self.prompts_per_step < 1 or self.max_new_tokens < 1:
+            raise ValueError("rl.num_iterations, rl.prompts_per_step and rl.max_new_tokens must be >= 1")
+
+
+# -- pure functions -------------------------------------------------------------------------------------
+def group_advantages(rewards, group_size: int, scale: bool = True, eps: float = 1e-4):
+    """Rewards [P * G] (prompt-major) -> advantages: reward minus its group's mean, divided by the group's
+    (population) standard deviation + ``eps`` when ``scale``. A group of equal rewards gets zeros."""
+    r = jnp.asarray(rewards, jnp.float32).reshape(-1, group_size)
+    a = r - r.mean(axis=1, keepdims=True)
+    if scale:
+        a = a / (r.std(axis=1, keepdims=True) + eps)
+    return a.reshape(-1)
+
+
+def clipped_objective(logp, old_logp, advantages, epsilon: float, epsilon_high: float):
+    """Per-token (loss, ratio, clipped): ``-min(r A, clip(r, 1-eps, 1+eps_high) A)`` with ``r =
+    exp(logp - old_logp)``; ``advantages`` broadcast over tokens. ``clipped`` marks tokens whose gradient
+    the clip removes (ratio beyond the bound in the direction the advantage pushes)."""
+    ratio = jnp.exp(logp - old_logp)
+    adv = jnp.broadcast_to(advantages, ratio.shape)
+    unclipped = ratio * adv
+    clipped_ratio = jnp.clip(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
+    loss = -jnp.minimum(unclipped, clipped_ratio * adv)
+    clipped = ((ratio > 1.0 + epsilon_high) & (adv > 0)) | ((ratio < 1.0 - epsilon) & (adv < 0))
+    return loss, ratio, clipped
+
+
+def kl_k3(logp, ref_logp):
+    """The k3 estimator of KL(policy || reference) per token: ``exp(d) - d - 1``, ``d = ref - logp``
+    (unbiased, always >= 0)."""
+    d = ref_logp - logp
+    return jnp.exp(d) - d - 1.0
+
+
+def token_weights(mask, mode: str, max_new_tokens: int):
+    """Completion-token mask [B, T] -> weights summing to 1 over the batch (see ``loss_agg``)."""
+    mask = jnp.asarray(mask, jnp.float32)
+    b = mask.shape[0]
+    if mode == "token":
+        return mask / jnp.maximum(mask.sum(), 1.0)
+    if mode == "sequence":
+        return mask / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0) / b
+    if mode == "fixed":
+        return mask / (b * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+# -- rollout batches -----------------------------------------------------------------------------------
+def rollout_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, max_new_tokens: int):
+    """Prompts (each repeated for its completions, prompt-major) and completions -> numpy arrays
+    ``tokens``, ``attention_mask`` [B, P + max_new_tokens] (prompts left-padded to P, the longest rounded up
+    to a power of two so that new batches rarely recompile the step; completions right-padded) and
+    ``completion_mask`` [B, P + max_new_tokens - 1], aligned with next-token targets (entry t is 1 when token
+    t + 1 is a completion token)."""
+    p_len = max(16, 1 << (max(len(p) for p in prompts) - 1).bit_length())
+    b, t = len(completions), p_len + max_new_tokens
+    tokens = np.full((b, t), pad_id, np.int32)
+    attn = np.zeros((b, t), np.int32)
+    comp = np.zeros((b, t), np.int32)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        c = c[:max_new_tokens]
+        tokens[i, p_len - len(p) : p_len] = p
+        tokens[i, p_len : p_len + len(c)] = c
+        attn[i, p_len - len(p) : p_len + len(c)] = 1
+        comp[i, p_len : p_len + len(c)] = 1
+    return {"tokens": tokens, "attention_mask": attn, "completion_mask": comp[:, 1:]}
+
+
+def make_logprob_fn(graphdef, temperature: float):
+    """(params, batch) -> per-token log-probs [B, T-1] of each next token under ``logits / temperature``."""
+
+    def logprobs(params, batch):
+        model = nnx.merge(graphdef, params)
+        logits = model(batch["tokens"], attention_mask=batch["attention_mask"])[:, :-1] / temperature
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return jnp.take_along_axis(logp, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
+
+    return logprobs
+
+
+def make_grpo_step(graphdef, optimizer, cfg: GRPOConfig, schedule, shardings, mesh):
+    """jit(state, batch) -> (state, metrics). ``batch``: rollout_batch's arrays plus ``advantages`` [B],
+    ``old_logp`` and ``ref_logp`` [B, T-1] (the latter ignored when beta = 0). The state is donated; a
+    non-finite loss or gradient leaves it unchanged and reports ``finite=False``."""
+    logprob_fn = make_logprob_fn(graphdef, cfg.temperature)
+
+    def loss_fn(params, batch):
+        logp = logprob_fn(params, batch)
+        weights = token_weights(batch["completion_mask"], cfg.loss_agg, cfg.max_new_tokens)
+        per_token, ratio, clipped = clipped_objective(
+            logp, batch["old_logp"], batch["advantages"][:, None], cfg.epsilon, cfg.epsilon_high
+        )
+        mask = batch["completion_mask"].astype(jnp.float32)
+        n = jnp.maximum(mask.sum(), 1.0)
+        metrics = {"clip_fraction": jnp.sum(clipped * mask) / n, "ratio": jnp.sum(ratio * mask) / n}
+        if cfg.beta:
+            kl = kl_k3(logp, batch["ref_logp"])
+            per_token = per_token + cfg.beta * kl
+            metrics["kl"] = jnp.sum(kl * mask) / n
+        metrics["entropy_proxy"] = -jnp.sum(logp * mask) / n  # mean negative log-prob of sampled tokens
+        return jnp.sum(per_token * weights), metrics
+
+    def step(state, batch):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        new = {
+            "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        metrics |= {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state["step"]),
+            "finite": finite,
+        }
+        return new, metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+    data = batch_sharding(mesh)
+    batch_shardings = {
+        k: data for k in ("tokens", "attention_mask", "completion_mask", "old_logp", "ref_logp")
+    }
+    batch_shardings["advantages"] = (
+        NamedSharding(mesh, PartitionSpec(data.spec[0])) if mesh is not None else data
+    )
+    return jax.jit(
+        step,
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
