@@ -8,6 +8,8 @@ A config is an ``ml_collections.ConfigDict`` with the sections:
 - ``data``: ``curriculum.CurriculumConfig`` fields; ``pipeline``: ``pipeline.PipelineConfig`` fields
 - ``model``: ``path`` ("" = the embedded SmolLM2-135M-Instruct), ``dtype``, ``compute_dtype``
 - ``mesh``: ``data``, ``fsdp``, ``tensor`` sizes (-1 = the remaining devices)
+- ``compile_only_topology``: a TPU topology or pod to only compile the run's steps for (``pbbjax.aot``);
+  ``model.config_file`` then gives the model's shape (the paper presets ship ``configs/models/*.json``)
 - ``demo``: the prompt the main job answers until the trainer exists
 """
 
@@ -21,21 +23,29 @@ import ml_collections
 from pbbjax.curriculum import CURRICULA, CurriculumConfig
 from pbbjax.evaluation import EvalConfig
 from pbbjax.pipeline import PipelineConfig
+from pbbjax.presets import MODELS, apply_paper
 from pbbjax.tasks.base import _REGISTRY, get_domain
+from pbbjax.training.grpo import GRPOConfig
 from pbbjax.training.sft import OptimConfig
 
 DEFAULT_DOMAIN = "arithmetic"
 
 
 def _dataclass_dict(cls) -> dict:
-    """The dataclass's defaults, without ``seed`` (one top-level seed drives everything)."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.name == "seed":
-            continue
-        value = f.default
-        out[f.name] = list(value) if isinstance(value, tuple) else value
-    return out
+    """The dataclass's defaults, without ``seed`` (one top-level seed drives everything). Sequences stay
+    tuples: ml_collections overrides tuples from the command line (``--config.data.ad_n='(1, 10)'``), not
+    lists."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.name != "seed"}
+
+
+def as_tuple(value) -> tuple:
+    """A sequence field's value as a tuple of its items, where the command line's ``a,b`` for words (which
+    ml_collections leaves one string, alone or in a tuple) becomes ``("a", "b")``."""
+    items = (value,) if isinstance(value, str) else tuple(value)
+    out = []
+    for item in items:
+        out += [p.strip() for p in item.split(",") if p.strip()] if isinstance(item, str) else [item]
+    return tuple(out)
 
 
 def _domain_defaults() -> dict:
@@ -44,7 +54,7 @@ def _domain_defaults() -> dict:
     for name, cls in sorted(_REGISTRY.items()):
         params = inspect.signature(cls).parameters.values()
         out[name] = {
-            p.name: (list(p.default) if isinstance(p.default, tuple) else p.default)
+            p.name: p.default
             for p in params
             if p.default is not inspect.Parameter.empty and p.default is not None
         }
@@ -65,7 +75,12 @@ def base_config(curriculum: str, **data_overrides) -> ml_collections.ConfigDict:
     c.pipeline = _dataclass_dict(PipelineConfig)
     c.workdir = ""  # "" = runs/<curriculum>-<domain>-seed<seed>
     c.distributed = "auto"  # "auto" (initialize when launched on a pod / cluster), "on", "off"
-    c.model = dict(path="", dtype="float32", compute_dtype="", scan_layers=False, remat="none", tiny={})
+    # A TPU topology ("v5p:4x4x2") or pod ("v5p-64"): only compile the steps for it and report (pbbjax.aot)
+    c.compile_only_topology = ""
+    # config_file: a config.json giving the model's shape without weights ("" = the one in model.path)
+    c.model = dict(
+        path="", config_file="", dtype="float32", compute_dtype="", scan_layers=False, remat="none", tiny={}
+    )
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.train = {
         **_dataclass_dict(OptimConfig),
@@ -78,6 +93,7 @@ def base_config(curriculum: str, **data_overrides) -> ml_collections.ConfigDict:
         "peak_flops": 0.0,  # FLOP/s per chip for MFU; 0 = from the device kind (none on CPU)
     }
     c.eval = {**_dataclass_dict(EvalConfig), "at_start": False}
+    c.rl = {**_dataclass_dict(GRPOConfig), "stages": ()}  # GRPO settings; stages trained by GRPO, not SFT
     c.demo = dict(
         prompt="Here is a Python function:\n\ndef blorp(x):\n    y = x * 3\n    return y - 4\n\n"
         "What does blorp(5) return? Answer with the number only.",
@@ -85,30 +101,6 @@ def base_config(curriculum: str, **data_overrides) -> ml_collections.ConfigDict:
     )
     return c
 
-
-# Meshes (data, fsdp, tensor) for single-slice TPU pods: FSDP over every chip suits models up to ~14B.
-MESHES = {
-    "cpu": dict(data=1, fsdp=-1, tensor=1),
-    "v4-8": dict(data=1, fsdp=4, tensor=1),
-    "v5e-8": dict(data=1, fsdp=8, tensor=1),
-    "v5p-8": dict(data=1, fsdp=4, tensor=1),
-    "v5p-16": dict(data=1, fsdp=8, tensor=1),
-    "v5p-32": dict(data=1, fsdp=16, tensor=1),
-    "v5p-64": dict(data=1, fsdp=32, tensor=1),
-    "v6e-8": dict(data=1, fsdp=8, tensor=1),
-}
-
-# Paper-scale models (hub ids: these need a network or a local copy passed as model.path).
-MODELS = {
-    "qwen3-0.6b": ("Qwen/Qwen3-0.6B", "v5e-8"),
-    "qwen3-1.7b": ("Qwen/Qwen3-1.7B", "v5e-8"),
-    "qwen3-4b": ("Qwen/Qwen3-4B", "v5p-8"),
-    "qwen3-8b": ("Qwen/Qwen3-8B", "v5p-16"),
-    "qwen3-14b": ("Qwen/Qwen3-14B", "v5p-32"),
-    "llama-3.2-1b": ("meta-llama/Llama-3.2-1B-Instruct", "v5e-8"),
-    "llama-3.2-3b": ("meta-llama/Llama-3.2-3B-Instruct", "v5p-8"),
-    "llama-3.1-8b": ("meta-llama/Llama-3.1-8B-Instruct", "v5p-16"),
-}
 
 # A tiny random Llama built on the spot (SmolLM2's tokenizer), for tests and smoke runs.
 TINY_MODEL = dict(
@@ -127,8 +119,8 @@ TINY_MODEL = dict(
 
 def _cpu(c):
     """The CPU demo: the embedded SmolLM2-135M-Instruct on short random arithmetic programs."""
-    c.domain_options.arithmetic.length = [1, 2]
-    c.domain_options.arithmetic.num_inputs = [1, 1]
+    c.domain_options.arithmetic.length = (1, 2)
+    c.domain_options.arithmetic.num_inputs = (1, 1)
     c.data.update(
         dict(
             num_train_instructions=16,
@@ -136,12 +128,12 @@ def _cpu(c):
             decl_repeats=4,
             exec_per_instruction=6,
             eval_inputs=5,
-            ad_n=[1, 5],
+            ad_n=(1, 5),
         )
     )
     c.pipeline.update(dict(seq_len=256, batch_size=8))
     c.train.update(dict(learning_rate=2e-4, warmup_steps=3, epochs=3, checkpoint_every=5))
-    c.eval.update(dict(sets=["eval", "train"], max_rows=20, max_new_tokens=12, batch_size=20, at_start=True))
+    c.eval.update(dict(sets=("eval", "train"), max_rows=20, max_new_tokens=12, batch_size=20, at_start=True))
 
 
 def _tiny(c):
@@ -154,7 +146,7 @@ def _tiny(c):
             decl_repeats=3,
             exec_per_instruction=3,
             eval_inputs=2,
-            ad_n=[1, 2],
+            ad_n=(1, 2),
         )
     )
     c.pipeline.update(dict(seq_len=128, batch_size=8, num_packing_bins=4))
@@ -162,41 +154,23 @@ def _tiny(c):
     c.eval.update(dict(max_rows=4, max_new_tokens=8, batch_size=8))
 
 
-def _paper(c, name):
-    path, mesh = MODELS[name]
-    c.model.path, c.model.dtype, c.model.compute_dtype = path, "float32", "bfloat16"
-    c.model.scan_layers, c.model.remat = True, "full"
-    c.mesh.update(MESHES[mesh])
-    c.data.update(
-        dict(
-            num_train_instructions=200,
-            num_eval_instructions=100,
-            decl_repeats=20,
-            exec_per_instruction=20,
-            eval_inputs=20,
-        )
-    )
-    c.pipeline.update(dict(seq_len=1024, batch_size=64))
-    c.train.update(dict(learning_rate=1e-5, warmup_steps=50, epochs=3, checkpoint_every=200, peak_flops=0.0))
-    c.eval.update(dict(batch_size=64, max_new_tokens=256))
-
-
 PRESETS = ("cpu", "tiny", *MODELS)
 
 
 def select_preset(c: ml_collections.ConfigDict, preset: str | None) -> ml_collections.ConfigDict:
-    """``configs/<curriculum>.py:<preset>[,<mesh>]``: ``cpu`` (default), ``tiny``, or a paper-scale model
-    (``qwen3-14b``...), optionally followed by a mesh preset (``qwen3-8b,v5p-64``)."""
-    name, _, mesh = (preset or "cpu").partition(",")
+    """``configs/<curriculum>.py:<preset>[,<pod>]``: ``cpu`` (default), ``tiny``, or a paper-scale model
+    (``qwen3-14b``...), optionally followed by a TPU pod (``qwen3-8b,v5p-64``; see ``pbbjax.presets``)."""
+    name, _, pod = (preset or "cpu").partition(",")
     if name not in PRESETS:
         raise ValueError(
             f"unknown preset {name!r} for the {c.curriculum} config; presets: {', '.join(PRESETS)}"
         )
-    if mesh and mesh not in MESHES:
-        raise ValueError(f"unknown mesh preset {mesh!r}; meshes: {', '.join(MESHES)}")
-    {"cpu": _cpu, "tiny": _tiny}.get(name, lambda c: _paper(c, name))(c)
-    if mesh:
-        c.mesh.update(MESHES[mesh])
+    if name in MODELS:
+        apply_paper(c, name, pod or None)
+    elif pod:
+        raise ValueError(f"the {name} preset takes no pod ({pod!r} given); pods are for paper-scale presets")
+    else:
+        {"cpu": _cpu, "tiny": _tiny}[name](c)
     return c
 
 
@@ -216,7 +190,6 @@ def domain_of(c: ml_collections.ConfigDict):
 
 def curriculum_config(c: ml_collections.ConfigDict) -> CurriculumConfig:
     data = c.data.to_dict()
-    data["ad_n"] = tuple(data["ad_n"])
     return CurriculumConfig(**{**data, "seed": c.seed})
 
 

@@ -2,12 +2,16 @@
 
 Trains every stage of the configured curriculum, evaluating and exporting at each stage's end, and prints
 the results table (also in ``<workdir>/results.json``). Restarting the same command resumes the run.
+A ``gs://`` workdir is checked for credentials and write access first. With
+``--config.compile_only_topology=v5p:4x4x2`` it only compiles every step for that TPU topology and reports
+their memory and FLOPs (``pbbjax.aot``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from absl import app
@@ -69,6 +73,13 @@ def main(argv):
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/proactive.py")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    if config.compile_only_topology:
+        from pbbjax import aot
+
+        sys.exit(aot.run(config))
+    from pbbjax.storage import check_workdir
+
+    check_workdir(config.workdir)
     maybe_initialize_distributed(config.distributed)
     import pbbjax
     from pbbjax.training.runner import Runner

@@ -53,7 +53,8 @@ def make_mesh(
     if -1 in shape:
         if len(devices) % known:
             raise ValueError(
-                f"{len(devices)} devices cannot be split into data={data} fsdp={fsdp} tensor={tensor}"
+                f"{len(devices)} devices cannot be split into data={data} fsdp={fsdp} tensor={tensor}: "
+                f"the other axes' product {known} does not divide {len(devices)}"
             )
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
