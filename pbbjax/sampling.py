@@ -1,27 +1,93 @@
-"""Text generation: ``generate(model, tokenizer, prompts, ...)``.
+"""Text generation with a static KV cache: ``generate`` (strings), ``generate_tokens`` (token lists) and
+``generate_arrays`` (numpy arrays, for RL rollouts).
 
-Prompts are left-padded to a power-of-two bucket (so new prompts of a similar length reuse the compiled
-program), prefilled into a static KV cache of ``bucket + max_new_tokens`` slots in one forward, then
-decoded one token per step inside one jitted ``lax.while_loop`` that stops when every row has emitted an
-EOS. Greedy at ``temperature=0``; otherwise each step samples from ``process_logits`` (temperature, then
-top-k, then top-p), seeded. ``n`` samples per prompt repeat each prompt's row ``n`` times (prompt-major
-order). ``generate_tokens(..., return_logprobs=True)`` also returns each chosen token's log-probability:
-under the processed distribution actually sampled from, or, when greedy, under the temperature-1 softmax
-of the raw logits. ``generate(..., stop=[...])`` cuts each decoded text at its first stop string.
+One call, one jitted program:
+
+- Prompts are left-padded to a bucketed length (16, 24, 32, 48, 64, 96, 128, ...: powers of two and 1.5x
+  powers of two), so a new batch of a similar length reuses the compiled program. With a mesh
+  (``model.mesh``), rows are sharded over the mesh axes of the logical ``batch`` axis (``data`` + ``fsdp``):
+  the row count is padded up to a multiple of their size with dummy rows, dropped afterwards.
+- Prefill writes the prompts into a static KV cache (per layer: keys ``[rows, kv_heads, head_dim, slots]``,
+  values ``[rows, kv_heads, slots, head_dim]``, laid out by the same rules: rows over ``data`` + ``fsdp``,
+  KV heads over ``tensor``) and takes LM-head logits at the last position only. A ``lax.while_loop`` then
+  decodes one token per step, writing its keys and values into the cache in place, and stops as soon as
+  every row has ended (EOS or a stop sequence) or ``max_new_tokens`` tokens are out. Nothing in the loop
+  syncs with the host. The layer math is ``layers.DecoderLayer``'s (its projections, norms and MLP are
+  called as they are); only the attention over the cache is the sampler's own (``_layer_step``).
+- Greedy at ``temperature=0``; otherwise each step samples from ``process_logits`` (temperature, then
+  top-k, then top-p). Each row draws from its own key (the seed's key folded with the row's index, then
+  with the step), so a row's sample does not depend on the batch around it, on padding or on sharding.
+  ``n`` samples per prompt repeat each prompt's row ``n`` times (prompt-major order).
+- Log-probs of the chosen tokens: under the processed distribution actually sampled from, or, when greedy,
+  under the temperature-1 softmax of the raw logits.
+
+Cache limit: a prompt of ``k`` tokens needs ``k + max_new_tokens`` positions, which must not exceed
+``max_cache_len`` (default: the model's ``max_position_embeddings``); otherwise ValueError naming the
+prompt, its length and the limit. The cache holds ``bucket + max_new_tokens`` slots, with the bucket capped
+so that this never exceeds the limit.
+
+Parameters: by default the model's own; ``params=`` takes a state of the same structure as the trainer
+holds it (``nnx.split(model)[1]``, any shardings, e.g. the params being trained). They are used in place:
+never copied to another device, never donated, still valid after the call. On a CPU backend
+(``unstack_layers=None`` means: on CPU only) each layer's weights are sliced out of the stacked layer
+parameters once per call, before the decode loop: XLA:CPU would otherwise copy every weight slice in every
+decode step. That costs one transient copy of the layer weights inside the program, freed at its end.
+
+Stop sequences: ``generate(..., stop=[...])`` cuts each decoded text at its first stop string (exact),
+and also ends rows inside the loop: a row ends once it emits a token whose text contains a stop string,
+or the stop string's own tokenization (whole, or character by character). For tokenizers whose decoding
+is concatenation (byte-level BPE: SmolLM2, Llama 3, Qwen) this never ends a row whose text lacks the stop
+string; a stop string produced through another tokenization only ends its row later (at EOS or the token
+budget), and the text cut still applies. The lower-level functions take ``stop_sequences`` (token id
+sequences) directly.
+
+``generate_arrays`` returns a ``Generation`` of numpy arrays: ``tokens`` [rows, max_new_tokens] (``pad_id``
+after each row's end), ``logprobs`` (0 there), ``lengths`` (tokens kept: an EOS is dropped, a stop sequence
+kept), ``ended`` (False where a row ran out of tokens) and ``steps`` (decode steps run).
 """
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+
+from pbbjax.models.config import resolve_dtype
+from pbbjax.models.decoder import ACT
+from pbbjax.models.layers import rms_norm, rope_cos_sin, rope_inv_freq
+from pbbjax.models.sharding import constrain, logical_to_spec
+
+# KV cache layouts: keys [rows, kv_heads, head_dim, slots], values [rows, kv_heads, slots, head_dim].
+K_AXES = ("batch", "kv_heads", "head_dim", "length")
+V_AXES = ("batch", "kv_heads", "length", "head_dim")
+_CONTINUE, _EOS, _STOP = 0, 1, 2
+_WINDOW_EMPTY, _NEVER, _ANY = -3, -2, -1  # stop-sequence window fill, a never-matching entry, a wildcard
+
+
+class Generation(NamedTuple):
+    """What ``generate_arrays`` returns; one row per prompt sample (prompt-major)."""
+
+    tokens: np.ndarray  # int32 [rows, max_new_tokens]; pad_id after each row's length
+    logprobs: np.ndarray  # float32 [rows, max_new_tokens]; 0 after each row's length
+    lengths: np.ndarray  # int32 [rows]: tokens kept (EOS excluded, a stop sequence included)
+    ended: np.ndarray  # bool [rows]: ended by EOS or a stop sequence; False: ran out of max_new_tokens
+    steps: int  # decode steps run, <= max_new_tokens; fewer when every row ended early
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
-    """Round a prompt length up to a power of two so new prompts rarely trigger a recompile."""
+    """The smallest of 16, 24, 32, 48, 64, 96, ... (2^k and 1.5 * 2^k) that holds ``n``."""
+    p = max(minimum, 1 << (n - 1).bit_length())
+    return p * 3 // 4 if n <= p * 3 // 4 and p * 3 // 4 >= minimum else p
+
+
+def _pow2(n: int, minimum: int) -> int:
     return max(minimum, 1 << (n - 1).bit_length())
 
 
@@ -60,22 +126,302 @@ def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
     return text[: min(ends)] if ends else text
 
 
-def _check_prompts(lengths: list[int], max_prompt_len: int | None) -> None:
-    if not lengths:
+_vocab_texts_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _vocab_texts(tokenizer, vocab_size: int) -> list[str]:
+    """The decoded text of every single token id below ``vocab_size`` (cached per tokenizer)."""
+    texts = _vocab_texts_cache.get(tokenizer)
+    if texts is None or len(texts) < vocab_size:
+        ids = [[i] for i in range(vocab_size)]
+        if hasattr(tokenizer, "batch_decode"):
+            texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        else:
+            texts = [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+        _vocab_texts_cache[tokenizer] = texts
+    return texts[:vocab_size]
+
+
+def stop_token_sequences(tokenizer, stop: Sequence[str], vocab_size: int) -> list[tuple[int, ...]]:
+    """Token sequences whose generation puts a stop string into the decoded text: every single token whose
+    text contains one, and each stop string's tokenization, whole and character by character (kept only
+    where it decodes to text containing the stop string)."""
+    if not stop:
+        return []
+    seqs = {
+        (i,) for i, text in enumerate(_vocab_texts(tokenizer, vocab_size)) if any(s in text for s in stop)
+    }
+
+    def encode(text):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    for s in stop:
+        for ids in (encode(s), [t for c in s for t in encode(c)]):
+            if ids and max(ids) < vocab_size and s in tokenizer.decode(ids, skip_special_tokens=True):
+                seqs.add(tuple(ids))
+    return sorted(seqs)
+
+
+def _check_prompts(
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    max_prompt_len: int | None,
+    max_cache_len: int | None,
+    vocab_size: int | None,
+    limit_name: str = "max_cache_len",
+) -> None:
+    if len(prompt_ids) == 0:
         raise ValueError("generate needs at least one prompt")
-    for i, n in enumerate(lengths):
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    for i, p in enumerate(prompt_ids):
+        n = len(p)
         if n == 0:
             raise ValueError(f"prompt {i} is empty")
         if max_prompt_len is not None and n > max_prompt_len:
             raise ValueError(f"prompt {i} has {n} tokens, more than max_prompt_len={max_prompt_len}")
+        if max_cache_len is not None and n + max_new_tokens > max_cache_len:
+            raise ValueError(
+                f"prompt {i} has {n} tokens: with max_new_tokens={max_new_tokens} it needs "
+                f"{n + max_new_tokens} cache positions, more than {limit_name}={max_cache_len}"
+            )
+        if vocab_size is not None and (min(p) < 0 or max(p) >= vocab_size):
+            bad = next(t for t in p if not 0 <= t < vocab_size)
+            raise ValueError(
+                f"prompt {i} holds token id {bad}, outside the model's vocabulary [0, {vocab_size})"
+            )
+
+
+def generate_arrays(
+    model: nnx.Module | nnx.GraphDef,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    params: nnx.State | None = None,
+    temperature: float = 0.0,
+    seed: int = 0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    n: int = 1,
+    stop_sequences: Sequence[Sequence[int]] = (),
+    max_prompt_len: int | None = None,
+    max_cache_len: int | None = None,
+    unstack_layers: bool | None = None,
+) -> Generation:
+    """Token id prompts -> a ``Generation`` of numpy arrays (see the module docstring). ``model`` is the
+    module, or its ``GraphDef`` with ``params``; ``params`` (optional with a module) replaces the module's
+    own state for this call. ``eos_ids``: ids that end a row (dropped from the output); ``pad_id`` fills
+    prompt padding and the output after each row's end; ``stop_sequences``: token id sequences that end a
+    row once generated (kept in the output)."""
+    if isinstance(model, nnx.GraphDef):
+        if params is None:
+            raise ValueError("generate_arrays got a GraphDef without params; pass params=the model state")
+        graphdef = model
+    else:
+        graphdef, own = nnx.split(model)
+        params = own if params is None else params
+    merged = nnx.merge(graphdef, params)  # a view for cfg and mesh: no array is copied
+    cfg, mesh = merged.cfg, merged.mesh
+    limit, limit_name = max_cache_len, "max_cache_len"
+    if limit is None:
+        limit, limit_name = cfg.max_position_embeddings, "max_cache_len (the model's max_position_embeddings)"
+    _check_prompts(prompt_ids, max_new_tokens, max_prompt_len, limit, cfg.vocab_size, limit_name)
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or n < 1:
+        raise ValueError(f"bad sampling options: {temperature=}, {top_k=}, {top_p=}, {n=}")
+    if any(len(s) == 0 for s in stop_sequences):
+        raise ValueError("stop_sequences must not contain an empty sequence")
+
+    rows = [list(p) for p in prompt_ids for _ in range(n)]
+    shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in _batch_mesh_axes(mesh)]))
+    b = -(-len(rows) // shards) * shards
+    p_len = min(_bucket(max(len(p) for p in rows)), limit - max_new_tokens)
+    tokens = np.full((b, p_len), pad_id, np.int32)
+    mask = np.zeros((b, p_len), np.int32)
+    for i in range(b):
+        p = rows[i if i < len(rows) else 0]  # dummy rows repeat row 0; they start ended
+        tokens[i, p_len - len(p) :] = p
+        mask[i, p_len - len(p) :] = 1
+    live = np.arange(b) < len(rows)
+
+    end_codes = np.zeros(cfg.vocab_size, np.int32)
+    multi = [tuple(s) for s in stop_sequences if len(s) > 1]
+    end_codes[[s[0] for s in stop_sequences if len(s) == 1 and 0 <= s[0] < cfg.vocab_size]] = _STOP
+    end_codes[[e for e in eos_ids if e is not None and 0 <= e < cfg.vocab_size]] = _EOS
+    width = _pow2(max((len(s) for s in multi), default=1), 8)
+    seqs = np.full((_pow2(len(multi), 4), width), _ANY, np.int32)
+    seqs[len(multi) :, -1] = _NEVER
+    for j, s in enumerate(multi):
+        seqs[j, width - len(s) :] = s
+
+    batch_arrays = (tokens, mask, live, np.arange(b, dtype=np.int32))
+    if mesh is not None:
+        spec = logical_to_spec(("batch",), None, mesh)  # b is a multiple of the shard count
+        batch_arrays = tuple(jax.device_put(x, NamedSharding(mesh, spec)) for x in batch_arrays)
+    if unstack_layers is None:
+        unstack_layers = jax.default_backend() == "cpu"
+    out, logps, lengths, ended, steps = _generate(
+        graphdef,
+        params,
+        *batch_arrays,
+        jnp.asarray(end_codes),
+        jnp.asarray(seqs),
+        jax.random.key(seed),
+        jnp.float32(temperature),
+        jnp.int32(top_k),
+        jnp.float32(top_p),
+        jnp.int32(pad_id),
+        max_new_tokens=max_new_tokens,
+        filtered=top_k > 0 or top_p < 1,
+        unstack=bool(unstack_layers),
+    )
+    r = len(rows)
+    return Generation(
+        np.asarray(out)[:r], np.asarray(logps)[:r], np.asarray(lengths)[:r], np.asarray(ended)[:r], int(steps)
+    )
+
+
+def _layer_step(layer, x, cos, sin, mask, k_cache, v_cache, index):
+    """One decoder layer (``layers.DecoderLayer``'s math) over a KV cache: writes this step's keys and values
+    at slot ``index``, attends over the cache. The cache layouts are the ones the two attention dots read
+    as they are, so no step transposes the cache (XLA:CPU would copy it per layer per step)."""
+    eps = layer.cfg.rms_norm_eps
+    q, k, v = layer.attn.project_qkv(rms_norm(x, layer.input_norm[...], eps), cos, sin)
+    b, t, n, hd = q.shape
+    kv = k.shape[2]
+    k_cache = jax.lax.dynamic_update_slice(
+        k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype), (0, 0, 0, index)
+    )
+    v_cache = jax.lax.dynamic_update_slice(
+        v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0)
+    )
+    # Query rows grouped per KV head: [B, K, G*T, H], row g*T + t (GQA as in layers.attention_weights).
+    q = q.reshape(b, t, kv, n // kv, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, n // kv * t, hd)
+    scores = jnp.einsum("bkqh,bkhs->bkqs", q, k_cache, preferred_element_type=jnp.float32) * (hd**-0.5)
+    scores = jnp.where(jnp.tile(mask, (1, n // kv, 1))[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, v_cache)
+    out = out.reshape(b, kv, n // kv, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, n * hd)
+    y = out @ layer.attn.o_proj[...].reshape(n * hd, -1).astype(out.dtype)
+    if layer.cfg.o_bias:
+        y = y + layer.attn.o_bias[...].astype(y.dtype)
+    x = x + y
+    return x + layer.mlp(rms_norm(x, layer.post_attn_norm[...], eps)), k_cache, v_cache
+
+
+def _batch_mesh_axes(mesh) -> tuple[str, ...]:
+    """The mesh axes that the logical ``batch`` axis is sharded over on ``mesh``."""
+    spec = logical_to_spec(("batch",), None, mesh)[0]
+    return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "filtered", "unstack"))
+def _generate(
+    graphdef, params, tokens, mask, live, row_ids, end_codes, stop_seqs, key, temperature, top_k, top_p,
+    pad_id, *, max_new_tokens, filtered, unstack,
+):  # fmt: skip
+    model = nnx.merge(graphdef, params)
+    cfg, mesh = model.cfg, model.mesh
+    b, p_len = tokens.shape
+    slots = p_len + max_new_tokens
+    layer_def, layer_state = nnx.split(model.layers)
+
+    def layer_params(i):
+        return jax.tree.map(lambda a: a[i], layer_state)
+
+    hoisted = [layer_params(i) for i in range(cfg.num_layers)] if unstack else None
+    inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
+
+    def forward(ids, positions, caches, index, key_valid):
+        """ids [B, T] written at cache slot ``index`` -> (fp32 logits of the last position [B, V], caches)."""
+        cos, sin = rope_cos_sin(positions, inv_freq)
+        q_slots = index + jnp.arange(ids.shape[1])
+        attn_mask = (jnp.arange(slots)[None, :] <= q_slots[:, None])[None] & key_valid[:, None, :]
+        x = model.embed_tokens(ids)
+        new = []
+        for i, (k, v) in enumerate(caches):
+            layer = nnx.merge(layer_def, hoisted[i] if unstack else layer_params(i))
+            x, k, v = _layer_step(layer, x, cos, sin, attn_mask, k, v, index)
+            new.append((constrain(k, mesh, K_AXES), constrain(v, mesh, V_AXES)))
+            x = constrain(x, mesh, ACT)
+        return model.logits(x[:, -1:])[:, 0], tuple(new)
+
+    dtype = resolve_dtype(cfg.compute_dtype)
+    k0 = jnp.zeros((b, cfg.num_kv_heads, cfg.head_dim, slots), dtype)
+    v0 = jnp.zeros((b, cfg.num_kv_heads, slots, cfg.head_dim), dtype)
+    caches = tuple((constrain(k0, mesh, K_AXES), constrain(v0, mesh, V_AXES)) for _ in range(cfg.num_layers))
+    key_valid = jnp.zeros((b, slots), bool).at[:, :p_len].set(mask.astype(bool))
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    logits, caches = forward(tokens, positions, caches, 0, key_valid)
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
+
+    def choose(logits, i):
+        def greedy():
+            nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+            return nxt, jnp.take_along_axis(jax.nn.log_softmax(logits, -1), nxt[:, None], -1)[:, 0]
+
+        def sample():
+            # Unfiltered, process_logits skips its sort: top_k / top_p are then Python constants.
+            x = process_logits(logits, temperature, *((top_k, top_p) if filtered else (0, 1.0)))
+            keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, i)
+            nxt = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+            return nxt, jnp.take_along_axis(jax.nn.log_softmax(x, -1), nxt[:, None], -1)[:, 0]
+
+        return jax.lax.cond(temperature > 0, sample, greedy)
+
+    def record(state, logits):
+        """Choose token ``i`` of every row and book-keep ends; rows already ended write padding."""
+        i, out, logps, lengths, ended, done, window = state
+        nxt, logp = choose(logits, i)
+        window = jnp.concatenate([window[:, 1:], nxt[:, None]], axis=1)
+        hit = jnp.all((stop_seqs[None] == window[:, None]) | (stop_seqs[None] == _ANY), -1).any(-1)
+        end = jnp.where(end_codes[nxt] == _CONTINUE, jnp.where(hit, _STOP, _CONTINUE), end_codes[nxt])
+        end = jnp.where(done, _CONTINUE, end)
+        keep = ~done & (end != _EOS)
+        out = out.at[:, i].set(jnp.where(keep, nxt, pad_id))
+        logps = logps.at[:, i].set(jnp.where(keep, logp, 0.0))
+        lengths = jnp.where(end != _CONTINUE, i + (end == _STOP), lengths)
+        ended = ended | (end != _CONTINUE)
+        return (i + 1, out, logps, lengths, ended, done | (end != _CONTINUE), window), nxt
+
+    def step(carry):
+        state, logits, pos, caches, key_valid = carry
+        state, nxt = record(state, logits)
+        i = state[0] - 1
+        key_valid = key_valid.at[:, p_len + i].set(True)
+        logits, caches = forward(nxt[:, None], pos[:, None], caches, p_len + i, key_valid)
+        return state, logits, pos + 1, caches, key_valid
+
+    def cond(carry):
+        state = carry[0]
+        return (state[0] < max_new_tokens - 1) & ~jnp.all(state[5])
+
+    state = (
+        jnp.int32(0),
+        jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+        jnp.zeros((b, max_new_tokens), jnp.float32),
+        jnp.full((b,), max_new_tokens, jnp.int32),
+        jnp.zeros((b,), bool),
+        ~live,
+        jnp.full((b, stop_seqs.shape[1]), _WINDOW_EMPTY, jnp.int32),
+    )
+    state, logits, *_ = jax.lax.while_loop(
+        cond, step, (state, logits, positions[:, -1] + 1, caches, key_valid)
+    )
+    # The last token needs no forward after it: chosen outside the loop (a no-op if every row has ended).
+    all_done = jnp.all(state[5])
+    final, _ = record(state, logits)
+    i, out, logps, lengths, ended, _, _ = final
+    return out, logps, lengths, ended & live, jnp.where(all_done, state[0], i)
 
 
 def generate_tokens(
-    model: nnx.Module,
-    prompt_ids: list[list[int]],
+    model: nnx.Module | nnx.GraphDef,
+    prompt_ids: Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
-    eos_ids: tuple[int, ...],
+    eos_ids: Sequence[int],
     pad_id: int,
     temperature: float = 0.0,
     seed: int = 0,
@@ -84,79 +430,42 @@ def generate_tokens(
     n: int = 1,
     max_prompt_len: int | None = None,
     return_logprobs: bool = False,
+    stop_sequences: Sequence[Sequence[int]] = (),
+    max_cache_len: int | None = None,
+    params: nnx.State | None = None,
 ):
-    """Token lists in, new token lists out (each cut after its first EOS, EOS excluded), ``n`` per prompt
-    in prompt-major order. With ``return_logprobs``: (token lists, log-prob lists aligned with them)."""
-    _check_prompts([len(p) for p in prompt_ids], max_prompt_len)
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or n < 1:
-        raise ValueError(f"bad sampling options: {temperature=}, {top_k=}, {top_p=}, {n=}")
-    rows = [p for p in prompt_ids for _ in range(n)]
-    p_len = _bucket(max(len(p) for p in rows))
-    tokens = np.full((len(rows), p_len), pad_id, np.int32)
-    mask = np.zeros((len(rows), p_len), np.int32)
-    for i, p in enumerate(rows):
-        tokens[i, p_len - len(p) :] = p
-        mask[i, p_len - len(p) :] = 1
-    graphdef, state = nnx.split(model)
-    out, logps = _decode(
-        graphdef,
-        state,
-        jnp.asarray(tokens),
-        jnp.asarray(mask),
-        jnp.asarray(eos_ids, jnp.int32),
-        jax.random.key(seed),
-        jnp.float32(temperature),
-        jnp.int32(top_k),
-        jnp.float32(top_p),
+    """Token lists in, new token lists out (each cut after its first EOS, EOS excluded, or after its first
+    stop sequence, included), ``n`` per prompt in prompt-major order. With ``return_logprobs``: (token
+    lists, log-prob lists aligned with them). Options as in ``generate_arrays``."""
+    g = generate_arrays(
+        model,
+        prompt_ids,
         max_new_tokens,
-        top_k > 0 or top_p < 1,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        params=params,
+        temperature=temperature,
+        seed=seed,
+        top_k=top_k,
+        top_p=top_p,
+        n=n,
+        stop_sequences=stop_sequences,
+        max_prompt_len=max_prompt_len,
+        max_cache_len=max_cache_len,
     )
-    results, logprobs = [], []
-    for row, lp in zip(np.asarray(out), np.asarray(logps), strict=True):
-        stops = np.flatnonzero(np.isin(row, eos_ids))
-        end = stops[0] if stops.size else len(row)
-        results.append(row[:end].tolist())
-        logprobs.append(lp[:end].tolist())
-    return (results, logprobs) if return_logprobs else results
+    tokens = [row[:k].tolist() for row, k in zip(g.tokens, g.lengths, strict=True)]
+    if not return_logprobs:
+        return tokens
+    return tokens, [row[:k].tolist() for row, k in zip(g.logprobs, g.lengths, strict=True)]
 
 
-@jax.jit(static_argnums=(0, 9, 10))
-def _decode(graphdef, state, tokens, mask, eos_ids, key, temperature, top_k, top_p, max_new_tokens, filtered):
-    model = nnx.merge(graphdef, state)
-    b, p_len = tokens.shape
-    key_valid = jnp.zeros((b, p_len + max_new_tokens), bool).at[:, :p_len].set(mask.astype(bool))
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    logits, cache = model.decode(tokens, positions, model.init_cache(b, p_len + max_new_tokens), 0, key_valid)
-
-    def greedy(logits, sub):
-        nxt = jnp.argmax(logits, -1).astype(jnp.int32)
-        return nxt, jnp.take_along_axis(jax.nn.log_softmax(logits, -1), nxt[:, None], -1)[:, 0]
-
-    def sample(logits, sub):
-        # Unfiltered, process_logits skips its sort: top_k / top_p are then Python constants.
-        x = process_logits(logits, temperature, *((top_k, top_p) if filtered else (0, 1.0)))
-        nxt = jax.random.categorical(sub, x).astype(jnp.int32)
-        return nxt, jnp.take_along_axis(jax.nn.log_softmax(x, -1), nxt[:, None], -1)[:, 0]
-
-    def step(carry):
-        i, out, logps, logits, pos, cache, key_valid, done, key = carry
-        key, sub = jax.random.split(key)
-        nxt, logp = jax.lax.cond(temperature > 0, sample, greedy, logits, sub)
-        nxt = jnp.where(done, eos_ids[0], nxt)
-        out = out.at[:, i].set(nxt)
-        logps = logps.at[:, i].set(logp)
-        done = done | jnp.isin(nxt, eos_ids)
-        key_valid = key_valid.at[:, p_len + i].set(True)
-        logits, cache = model.decode(nxt[:, None], pos[:, None], cache, p_len + i, key_valid)
-        return i + 1, out, logps, logits[:, -1], pos + 1, cache, key_valid, done, key
-
-    def cond(carry):
-        return (carry[0] < max_new_tokens) & ~jnp.all(carry[7])
-
-    out = jnp.zeros((b, max_new_tokens), jnp.int32)
-    logps = jnp.zeros((b, max_new_tokens), jnp.float32)
-    init = (0, out, logps, logits[:, -1], positions[:, -1] + 1, cache, key_valid, jnp.zeros(b, bool), key)
-    return jax.lax.while_loop(cond, step, init)[1:3]
+def generation_ids(model: nnx.Module, tokenizer) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id) for ``model`` and ``tokenizer``: EOS from the checkpoint's generation_config.json,
+    else the tokenizer's; pad from the tokenizer, else the first EOS, else 0."""
+    eos = model.cfg.generation_config.get("eos_token_id", tokenizer.eos_token_id)
+    eos = tuple(e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None)
+    pad = tokenizer.pad_token_id
+    return eos, pad if pad is not None else (eos[0] if eos else 0)
 
 
 def generate(
@@ -172,18 +481,22 @@ def generate(
     n: int = 1,
     stop: Sequence[str] | None = None,
     max_prompt_len: int | None = None,
+    max_cache_len: int | None = None,
+    params: nnx.State | None = None,
 ) -> list[str]:
     """Prompts (already chat-formatted if the model wants that) -> generated texts, special tokens dropped,
-    ``n`` per prompt in prompt-major order, each cut at its first stop string. ``max_prompt_len`` counts
-    tokens. Raises ValueError on no prompts, an empty prompt, or a prompt over ``max_prompt_len``."""
-    _check_prompts([len(p) for p in prompts], None)
+    ``n`` per prompt in prompt-major order, each cut at its first stop string (rows also stop generating
+    there, see the module docstring). ``max_prompt_len`` counts tokens; ``max_cache_len`` bounds prompt
+    tokens + ``max_new_tokens`` (default: the model's max_position_embeddings). Raises ValueError on no
+    prompts, an empty prompt, a prompt over either limit, or an empty stop string."""
+    if len(prompts) == 0:
+        raise ValueError("generate needs at least one prompt")
     if isinstance(stop, str):
         stop = [stop]
-    if stop is not None and any(not s for s in stop):
-        raise ValueError("stop strings must be non-empty")
-    eos_ids = model.cfg.generation_config.get("eos_token_id", tokenizer.eos_token_id)
-    eos_ids = tuple(eos_ids) if isinstance(eos_ids, list) else (eos_ids,)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    stop = list(stop or ())
+    if any(not s for s in stop):
+        raise ValueError(f"stop strings must be non-empty, got {stop!r}")
+    eos_ids, pad_id = generation_ids(model, tokenizer)
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     new = generate_tokens(
         model,
@@ -197,5 +510,8 @@ def generate(
         top_p=top_p,
         n=n,
         max_prompt_len=max_prompt_len,
+        stop_sequences=stop_token_sequences(tokenizer, stop, model.cfg.vocab_size),
+        max_cache_len=max_cache_len,
+        params=params,
     )
     return [cut_at_stop(tokenizer.decode(t, skip_special_tokens=True), stop) for t in new]

@@ -6,7 +6,14 @@ import pytest
 from scipy import stats
 
 from pbbjax import generate, load_model
-from pbbjax.sampling import cut_at_stop, generate_tokens, process_logits
+from pbbjax.sampling import (
+    _bucket,
+    cut_at_stop,
+    generate_arrays,
+    generate_tokens,
+    process_logits,
+    stop_token_sequences,
+)
 
 PROMPT = [5, 17, 33, 2, 9, 101, 64]
 NO_EOS = dict(eos_ids=(-1,), pad_id=0)  # no token ends a row, so the first token is always kept
@@ -174,6 +181,69 @@ def test_generate_stop_strings(tiny):
     assert generate(tiny, tok, prompts, 12, temperature=1.0, seed=7, n=4, stop=["\u2603"]) == texts
 
 
+def test_stop_string_ends_rows_early(tiny):
+    """A stop string that the greedy text contains: the text is cut before it, and the row stops decoding
+    right after the token that completes it (fewer decode steps). CharTokenizer: one token per character."""
+    tok = CharTokenizer()
+    full = generate(tiny, tok, ["hello"], 24)[0]
+    plain = generate_arrays(tiny, [tok("hello")["input_ids"]], 24, eos_ids=(2,), pad_id=0)
+    assert len(full) == 24 and plain.steps == 24 and not plain.ended[0]  # no EOS in the 24 greedy tokens
+    stop = full[6:8]
+    end = full.index(stop) + len(stop)  # the first occurrence may start before 6
+    assert generate(tiny, tok, ["hello"], 24, stop=[stop])[0] == full[: full.index(stop)]
+    seqs = stop_token_sequences(tok, [stop], 128)
+    assert seqs == [tuple(map(ord, stop))]
+    cut = generate_arrays(tiny, [tok("hello")["input_ids"]], 24, eos_ids=(2,), pad_id=0, stop_sequences=seqs)
+    assert cut.lengths[0] == end and cut.ended[0] and cut.steps == end < 24
+    assert "".join(map(chr, cut.tokens[0, :end])) == full[:end]  # the stop sequence itself is kept
+    assert (cut.tokens[0, end:] == 0).all() and (cut.logprobs[0, end:] == 0).all()
+    np.testing.assert_allclose(cut.logprobs[0, :end], plain.logprobs[0, :end])
+    # A one-character stop string is a single stop token; in a batch, only the rows that emit it stop.
+    texts = generate(tiny, tok, ["hello", "abc"], 24)
+    char = texts[0][3]
+    assert generate(tiny, tok, ["hello", "abc"], 24, stop=char) == [
+        t[: t.index(char)] if char in t else t for t in texts
+    ]
+
+
+def test_stop_string_that_never_appears(tiny):
+    """Stop strings absent from the text (one of in-vocabulary characters, one outside the vocabulary)
+    change nothing: the same texts, token counts and decode steps as without."""
+    tok = CharTokenizer()
+    prompts = ["hello", "abc"]
+    texts = generate(tiny, tok, prompts, 16)
+    absent = next(s for s in ("~~", "}{", "^^|") if all(s not in t for t in texts))
+    assert generate(tiny, tok, prompts, 16, stop=[absent, "\u2603"]) == texts
+    ids = [tok(p)["input_ids"] for p in prompts]
+    seqs = stop_token_sequences(tok, [absent, "\u2603"], 128)
+    assert seqs == [tuple(map(ord, absent))]
+    plain = generate_arrays(tiny, ids, 16, eos_ids=(2,), pad_id=0)
+    with_stop = generate_arrays(tiny, ids, 16, eos_ids=(2,), pad_id=0, stop_sequences=seqs)
+    for a, b in zip(plain, with_stop, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_buckets():
+    assert [_bucket(n) for n in (1, 16, 17, 24, 25, 33, 48, 49, 64, 65, 100)] == [
+        16, 16, 24, 24, 32, 48, 48, 64, 64, 96, 128,
+    ]  # fmt: skip
+
+
+def test_cache_limit(tiny):
+    """Prompt tokens + max_new_tokens must fit the cache: the model's max_position_embeddings (128 here) or
+    an explicit max_cache_len. Exactly fitting works, and the capped cache gives the same tokens."""
+    with pytest.raises(ValueError, match=r"prompt 1 has 120 tokens.*needs 136 cache positions.*=128"):
+        generate_tokens(tiny, [[1] * 10, [1] * 120], 16, **NO_EOS)
+    with pytest.raises(
+        ValueError, match=r"prompt 1 has 10 tokens.*needs 22 cache positions.*max_cache_len=20"
+    ):
+        generate(tiny, CharTokenizer(), ["abc", "a" * 10], 12, max_cache_len=20)
+    prompt = [[5, 17, 33, 2, 9, 101, 64, 1]]  # 8 + 12 = 20: the bucket (16) is capped to 8
+    assert generate_tokens(tiny, prompt, 12, max_cache_len=20, **NO_EOS) == generate_tokens(
+        tiny, prompt, 12, **NO_EOS
+    )
+
+
 def test_bad_input(tiny):
     tok = CharTokenizer()
     with pytest.raises(ValueError, match="at least one prompt"):
@@ -188,3 +258,9 @@ def test_bad_input(tiny):
         generate(tiny, tok, ["abc", "abcde"], max_prompt_len=4)
     with pytest.raises(ValueError, match=r"prompt 0 has 3 tokens.*max_prompt_len=2"):
         generate_tokens(tiny, [[1, 2, 3]], 4, max_prompt_len=2, **NO_EOS)
+    with pytest.raises(ValueError, match=r"prompt 1 holds token id 128, outside the model's vocabulary"):
+        generate_tokens(tiny, [[1], [3, 128]], 4, **NO_EOS)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        generate_tokens(tiny, [[1]], 0, **NO_EOS)
+    with pytest.raises(ValueError, match="stop strings must be non-empty"):
+        generate(tiny, tok, ["abc"], 4, stop=["x", ""])

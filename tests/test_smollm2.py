@@ -6,6 +6,7 @@ import torch
 from conftest import hf_logits
 
 from pbbjax import generate, load_model
+from pbbjax.sampling import generate_tokens, generation_ids
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -38,16 +39,24 @@ def test_logits_match_transformers_gguf(smollm2, smollm2_reference, question):
 
 
 def test_batched_greedy_generation_matches_transformers(smollm2, smollm2_reference):
-    """Four chat prompts of different lengths, left-padded into one batch, 24 greedy tokens each."""
+    """Four chat prompts of different lengths, left-padded into one batch, 32 greedy tokens each; rows end
+    at EOS on both sides (transformers pads the rest of a finished row, and decoding drops the padding)."""
     model, tokenizer = smollm2
     ref_model, _ = smollm2_reference
     prompts = [_chat(tokenizer, q) for q in QUESTIONS]
-    ours = generate(model, tokenizer, prompts, max_new_tokens=24)
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert len(set(lengths)) == len(prompts)
+    ours = generate(model, tokenizer, prompts, max_new_tokens=32)
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True)
     with torch.no_grad():
         out = ref_model.generate(
-            **batch, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            **batch, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
-    ref = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert ours == ref
+    new = out[:, batch["input_ids"].shape[1] :]
+    assert ours == tokenizer.batch_decode(new, skip_special_tokens=True)
+    # Token for token too: transformers' rows up to their first EOS.
+    eos_ids, pad_id = generation_ids(model, tokenizer)
+    ref = [row[: next((i for i, t in enumerate(row) if t in eos_ids), len(row))] for row in new.tolist()]
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert generate_tokens(model, ids, 32, eos_ids=eos_ids, pad_id=pad_id) == ref
