@@ -7,8 +7,9 @@ Curricula (``CURRICULA``):
   [+ ``demos`` execution demonstrations per eval instruction] [+ a ``replay_fraction`` of stage-1 rows].
 - ``retroactive``: stage1 = declarative(train + eval); stage2 = execution(train) (SFT data, or RL prompts).
 - ``mixture``: the homogeneous baseline: every row of proactive's two stages in one shuffled stage.
-- ``ad``: Algorithm Distillation: proactive's stage1, then for each N in ``ad_n`` a stage ``adN`` of N
-  execution examples per eval instruction, each branching from the end of stage1 (``start_from``).
+- ``ad``: Algorithm Distillation: proactive's stage1, then a stage ``pbb`` (proactive's stage 2: the eval
+  instructions as text only) and for each N in ``ad_n`` a stage ``adN`` of N execution examples per eval
+  instruction, each branching from the end of stage1 (``start_from``); one run gives the exchange rate.
 - ``in_context``: no training; the evaluation sets alone (the instruction is put in the prompt there).
 
 ``stages`` = "1" or "2" keeps one stage (the stage-only ablations); ``representation`` = "nl" uses the
@@ -192,7 +193,8 @@ def build_curriculum(domain: Domain, name: str, cfg: CurriculumConfig) -> Curric
     elif name == "mixture":
         stages = [Stage("mixture", b.shuffled(proactive_stage1() + proactive_stage2_rows(), "mixture"))]
     elif name == "ad":
-        stages = [Stage("stage1", proactive_stage1())] + [
+        pbb = [dataclasses.replace(r, stage="pbb") for r in b.shuffled(proactive_stage2_rows(), "stage2")]
+        stages = [Stage("stage1", proactive_stage1()), Stage("pbb", pbb, start_from="stage1")] + [
             Stage(
                 f"ad{n}", b.shuffled(b.execution(b.eval, "eval", f"ad{n}", n), f"ad{n}"), start_from="stage1"
             )

@@ -179,6 +179,11 @@ def summarize(scores, rows: list[Row], instructions, cfg: EvalConfig) -> dict:
         "ci_low": lo,
         "ci_high": hi,
     }
+    per_instruction = defaultdict(list)
+    for r, s in zip(rows, scores, strict=True):
+        per_instruction[r.instruction_id].append(s)
+    # per instruction: (n, accuracy), for confidence intervals over seeds and instructions (pbbjax.study)
+    out["by_instruction"] = {i: [len(s), float(np.mean(s))] for i, s in per_instruction.items()}
     for key in cfg.breakdowns:
         groups = defaultdict(list)
         for r, s in zip(rows, scores, strict=True):

@@ -130,9 +130,12 @@ def ad_curve(records: list[dict], set_name: str = "eval") -> list[tuple[int, dic
     return sorted(out, key=lambda x: x[0])
 
 
-def plot_exchange_rate(curve: list[tuple[int, dict]], path, pbb: dict | None = None, title: str = "") -> Path:
+def plot_exchange_rate(
+    curve: list[tuple[int, dict]], path, pbb: dict | None = None, title: str = "", star_ci=None
+) -> Path:
     """AD(N) accuracy (with its CI band) against N on a log axis; with ``pbb`` (a record), its accuracy and
-    CI as a horizontal band and N* marked, with the range of N where AD(N) meets the ends of PBB's CI."""
+    CI as a horizontal band and N* marked; ``star_ci`` = (low, high) shades N*'s interval (an infinite
+    end is drawn to the plot's edge)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ns = [n for n, _ in curve]
     accs = [r["accuracy"] for _, r in curve]
@@ -150,6 +153,10 @@ def plot_exchange_rate(curve: list[tuple[int, dict]], path, pbb: dict | None = N
         star = exchange_rate(ns, accs, pbb["accuracy"])
         if star is not None:
             ax.axvline(star, color="C3", ls="--", lw=1, label=f"N* = {star:.3g}")
+        if star_ci is not None:
+            lo, hi = star_ci
+            hi = hi if math.isfinite(hi) else max(ns) * 10
+            ax.axvspan(lo, hi, color="C3", alpha=0.08, label=f"N* 95% CI [{lo:.3g}, {star_ci[1]:.3g}]")
     ax.set_xscale("log")
     ax.set_xlabel("N (execution examples per eval instruction)")
     ax.set_ylabel("accuracy")
@@ -160,17 +167,21 @@ def plot_exchange_rate(curve: list[tuple[int, dict]], path, pbb: dict | None = N
 
 
 def write_plots(records: list[dict], outdir, title: str = "", pbb: dict | None = None) -> list[Path]:
-    """Every plot the records support, into ``outdir``; returns their paths."""
+    """Every plot the records support, into ``outdir``; returns their paths. The exchange-rate plot's PBB
+    line is ``pbb``, else the final eval record after an ``ad`` run's ``pbb`` stage."""
     outdir = Path(outdir)
     scored = [r for r in records if r.get("accuracy") is not None]
     if not scored:
         return []
     paths = [plot_by_stage(scored, outdir / "accuracy_by_stage.png", title)]
-    keys = sorted({k[3:] for r in scored for k in r if k.startswith("by_")})
+    keys = sorted({k[3:] for r in scored for k in r if k.startswith("by_") and k != "by_instruction"})
     paths += [plot_breakdown(scored, k, outdir / f"accuracy_by_{k}.png", title) for k in keys]
     if any(not r.get("final", True) for r in scored):
         paths.append(plot_over_steps(scored, outdir / "accuracy_over_steps.png", title))
     curve = ad_curve(scored)
     if len(curve) >= 2:
+        pbb = pbb or next(
+            (r for r in scored if r["after"] == "pbb" and r.get("final", True) and r["set"] == "eval"), None
+        )
         paths.append(plot_exchange_rate(curve, outdir / "exchange_rate.png", pbb, title))
     return paths

@@ -67,16 +67,8 @@ def tiny_model_dir(fields: dict, workdir: Path, seed: int) -> Path:
     return out
 
 
-def main(argv):
-    del argv
-    config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config is required, e.g. --config configs/proactive.py")
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    if config.compile_only_topology:
-        from pbbjax import aot
-
-        sys.exit(aot.run(config))
+def run(config) -> list[dict]:
+    """Train ``config``'s whole curriculum (resuming from its workdir) and return its evaluation records."""
     from pbbjax.storage import check_workdir
 
     check_workdir(config.workdir)
@@ -92,7 +84,20 @@ def main(argv):
         path = tiny_model_dir(config.model.tiny.to_dict(), workdir, config.seed)
     else:
         path = config.model.path or pbbjax.default_model_path()
-    Runner(config, path).run()
+    return Runner(config, path).run()
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config configs/proactive.py")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    if config.compile_only_topology:
+        from pbbjax import aot
+
+        sys.exit(aot.run(config))
+    run(config)
 
 
 if __name__ == "__main__":

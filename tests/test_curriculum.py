@@ -1,5 +1,6 @@
 """Curricula: stage contents, no leakage of eval executions or held-out inputs, determinism, the data CLI."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -90,16 +91,19 @@ def test_ad_and_demonstrations_are_the_intended_exceptions(domains):
     cur = build_curriculum(domains["arithmetic"], "ad", CurriculumConfig(**SMALL))
     assert [(s.name, s.start_from) for s in cur.stages] == [
         ("stage1", None),
+        ("pbb", "stage1"),
         ("ad1", "stage1"),
         ("ad3", "stage1"),
     ]
-    for stage, n in zip(cur.stages[1:], (1, 3), strict=True):
+    proactive = build_curriculum(domains["arithmetic"], "proactive", CurriculumConfig(**SMALL))
+    assert cur.stages[1].rows == [dataclasses.replace(r, stage="pbb") for r in proactive.stages[1].rows]
+    for stage, n in zip(cur.stages[2:], (1, 3), strict=True):
         assert {r.kind for r in stage.rows} == {"execution"}
         per = {i: sum(r.instruction_id == i for r in stage.rows) for i in cur.eval_ids}
         assert per == dict.fromkeys(cur.eval_ids, n)
         assert not {(r.instruction_id, r.input) for r in stage.rows} & _held_out(cur)
-    ad1 = {(r.instruction_id, r.input) for r in cur.stages[1].rows}
-    assert ad1 <= {(r.instruction_id, r.input) for r in cur.stages[2].rows}, "AD(1) is inside AD(3)"
+    ad1 = {(r.instruction_id, r.input) for r in cur.stages[2].rows}
+    assert ad1 <= {(r.instruction_id, r.input) for r in cur.stages[3].rows}, "AD(1) is inside AD(3)"
     skewed = build_curriculum(
         domains["ciphers"],
         "proactive",

@@ -49,13 +49,17 @@ def hf_greedy(hf_model, prompts, new_tokens) -> list[list[int]]:
 @pytest.mark.parametrize("name", list(TINY))
 def test_greedy_matches_transformers(hf_dirs, name):
     """32 greedy tokens, token for token, batched with left padding. ``generate_tokens`` with EOS disabled
-    on both sides matches every token; ``pbbjax.generate`` (the checkpoint's own EOS: id 2 for the llama
+    on both sides matches every token (with layer weights unstacked once per call, the CPU default, and
+    sliced per step); ``pbbjax.generate`` (the checkpoint's own EOS: id 2 for the llama
     configs, none for qwen) matches transformers' tokens up to the first EOS."""
     hf_model, path = hf_dirs[name]
     model, _ = load_model(path)
     ref = hf_greedy(hf_model, PROMPTS, NEW)
     assert [len(r) for r in ref] == [NEW] * len(PROMPTS)
     assert generate_tokens(model, PROMPTS, NEW, eos_ids=(), pad_id=0) == ref
+    # The accelerator path: layer weights sliced inside the decode loop instead of once per call.
+    sliced = generate_arrays(model, PROMPTS, NEW, eos_ids=(), pad_id=0, unstack_layers=False)
+    assert sliced.tokens.tolist() == ref
 
     eos = model.cfg.generation_config.get("eos_token_id")
     texts = generate(model, IdTokenizer(), [" ".join(map(str, p)) for p in PROMPTS], NEW)
@@ -85,9 +89,9 @@ def test_sharded_sampler_equals_single_device(hf_dirs, shape, monkeypatch):
         return out
 
     monkeypatch.setattr(sampling, "_generate", spy)
-    for options in (dict(), dict(temperature=1.0, top_k=20, n=2, seed=3)):
+    for options in (dict(), dict(temperature=1.0, top_k=20, n=2, seed=3), dict(unstack_layers=False)):
         kwargs = dict(eos_ids=(2,), pad_id=0, **options)
-        want = generate_arrays(single, PROMPTS, 12, **kwargs)
+        want = generate_arrays(single, PROMPTS, 12, **{**kwargs, "unstack_layers": None})
         got = generate_arrays(model, PROMPTS, 12, **kwargs)
         assert got.tokens.shape == (len(PROMPTS) * options.get("n", 1), 12)
         np.testing.assert_array_equal(got.tokens, want.tokens)

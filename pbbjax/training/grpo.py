@@ -29,11 +29,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pbbjax.training.sft import batch_sharding
+from pbbjax.training.sft import apply_gradients, batch_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,15 +168,7 @@ def make_grpo_step(graphdef, optimizer, cfg: GRPOConfig, schedule, shardings, me
 
     def step(state, batch):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        new = {
-            "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state,
-            "step": state["step"] + 1,
-        }
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        new, grad_norm, finite = apply_gradients(state, grads, loss, optimizer)
         metrics |= {
             "loss": loss,
             "grad_norm": grad_norm,

@@ -149,6 +149,20 @@ def make_grad_fn(graphdef, loss_mode: str, microbatches: int):
     return grad_fn
 
 
+def apply_gradients(state: dict, grads, loss, optimizer) -> tuple[dict, jax.Array, jax.Array]:
+    """One optimizer update -> (new state, gradient norm, finite). A non-finite loss or gradient norm keeps
+    the old state (the caller stops the run and keeps its last good checkpoint)."""
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    new = {
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+    }
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state), grad_norm, finite
+
+
 def make_train_step(graphdef, optimizer, cfg: OptimConfig, total_steps: int, shardings, mesh: Mesh | None):
     """jit(state, batch) -> (state, metrics); the batch is a dict of [global_batch, seq_len] int32 arrays."""
     grad_fn = make_grad_fn(graphdef, cfg.loss_mode, cfg.microbatches)
@@ -156,15 +170,7 @@ def make_train_step(graphdef, optimizer, cfg: OptimConfig, total_steps: int, sha
 
     def step(state, batch):
         loss, _, grads = grad_fn(state["params"], batch)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        new = {
-            "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state,
-            "step": state["step"] + 1,
-        }
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        new, grad_norm, finite = apply_gradients(state, grads, loss, optimizer)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,

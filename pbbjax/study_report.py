@@ -1,0 +1,259 @@
+"""A study's comparison: its arms' evaluation records aggregated over seeds, as JSON, a table and plots.
+
+Each arm's row per (set, mode) holds the per-seed accuracies, their mean and a 95% interval: with two or
+more seeds a Student-t interval over the seeds' accuracies (``ci: "seeds"``); with one seed the run's own
+bootstrap interval over instructions (``ci: "instructions"``). Other numeric measures (held-out loss,
+grammar diversity and random baseline) are averaged over seeds.
+
+The exchange rate N* (the N at which AD(N) reaches PBB from one instruction, interpolated in log N) is
+estimated from the seed-mean curves; its interval is a two-level bootstrap: seeds with replacement, then
+within each seed its eval instructions with replacement (the same draw for every arm of that seed, as the
+arms share instructions). A resample where AD(N) never reaches PBB counts as N* above the largest N, so an
+upper end of ``inf`` means "beyond the measured range".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from pbbjax.plots import exchange_rate, plot_breakdown, plot_by_stage, plot_exchange_rate, plot_over_steps
+
+EXTRA_MEASURES = ("loss", "diversity", "random_baseline")
+
+
+def seed_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of per-seed values, clipped to [0, 1]."""
+    k = len(values)
+    mean = float(np.mean(values))
+    if k < 2:
+        return mean, mean
+    half = stats.t.ppf(0.5 + confidence / 2, k - 1) * float(np.std(values, ddof=1)) / math.sqrt(k)
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
+def arm_finals(arm, records: list[dict]) -> list[dict]:
+    return [r for r in records if r["after"] == arm.after and r.get("final", True)]
+
+
+def aggregate(arms, runs: dict, seeds: int) -> list[dict]:
+    """One row per (arm, set, mode) over ``runs[(run name, seed)]`` (each a list of records)."""
+    rows = []
+    for arm in arms:
+        per_key = defaultdict(list)
+        for seed in range(seeds):
+            for r in arm_finals(arm, runs[(arm.run, seed)]):
+                per_key[(r["set"], r["mode"])].append(r)
+        for (set_name, mode), recs in per_key.items():
+            accs = [r["accuracy"] for r in recs if r.get("accuracy") is not None]
+            row = {"arm": arm.name, "run": arm.run, "after": arm.after, "set": set_name, "mode": mode}
+            row |= {"group": recs[0].get("group"), "seeds": len(recs), "n": recs[0].get("n")}
+            if accs:
+                row["accuracy"] = float(np.mean(accs))
+                row["per_seed"] = accs
+                if len(accs) >= 2:
+                    row["ci_low"], row["ci_high"] = seed_interval(accs)
+                    row["ci"] = "seeds"
+                else:
+                    row["ci_low"], row["ci_high"] = recs[0].get("ci_low"), recs[0].get("ci_high")
+                    row["ci"] = "instructions"
+            for m in EXTRA_MEASURES:
+                values = [r[m] for r in recs if isinstance(r.get(m), float)]
+                if values:
+                    row[m] = float(np.mean(values))
+            for key in {k for r in recs for k in r if k.startswith("by_") and k != "by_instruction"}:
+                row[key] = _breakdown([r[key] for r in recs if key in r])
+            rows.append(row)
+    return rows
+
+
+def _breakdown(tables: list[dict]) -> dict:
+    """Per-value accuracy over seeds: mean and interval (over seeds, or the single run's own)."""
+    out = {}
+    for value in sorted({v for t in tables for v in t}, key=str):
+        cells = [t[value] for t in tables if value in t]
+        accs = [c["accuracy"] for c in cells]
+        lo, hi = seed_interval(accs) if len(accs) >= 2 else (cells[0].get("ci_low"), cells[0].get("ci_high"))
+        out[value] = {"n": cells[0]["n"], "accuracy": float(np.mean(accs)), "ci_low": lo, "ci_high": hi}
+    return out
+
+
+# -- the exchange rate --------------------------------------------------------------------------------------
+
+
+def _instruction_table(arm, records) -> dict[str, tuple[int, float]] | None:
+    recs = [r for r in arm_finals(arm, records) if r["set"] == "eval" and r.get("by_instruction")]
+    return {i: tuple(v) for i, v in recs[0]["by_instruction"].items()} if recs else None
+
+
+def _pooled(tables: list[dict], draws: list[list[str]]) -> float:
+    num = den = 0.0
+    for table, ids in zip(tables, draws, strict=True):
+        for i in ids:
+            n, acc = table[i]
+            num, den = num + n * acc, den + n
+    return num / den if den else float("nan")
+
+
+def exchange_rate_estimate(arms, runs: dict, seeds: int, n_boot: int = 2000, seed: int = 0) -> dict | None:
+    """N* from the seed-mean AD(N) curve and PBB, with its two-level bootstrap interval."""
+    ad = sorted((int(a.after[2:]), a) for a in arms if a.after.startswith("ad") and a.after[2:].isdigit())
+    pbb = next((a for a in arms if a.after == "pbb"), None)
+    if pbb is None or len(ad) < 2:
+        return None
+    tables = {}  # (arm name, seed) -> {instruction: (n, accuracy)}
+    for arm in [pbb] + [a for _, a in ad]:
+        for s in range(seeds):
+            table = _instruction_table(arm, runs[(arm.run, s)])
+            if table is None:
+                return None
+            tables[(arm.name, s)] = table
+    ns = [n for n, _ in ad]
+
+    def star(seed_draw, ins_draws) -> tuple[float | None, list[float], float]:
+        curve = [
+            _pooled([tables[(a.name, s)] for s in seed_draw], [ins_draws[s] for s in seed_draw])
+            for _, a in ad
+        ]
+        target = _pooled([tables[(pbb.name, s)] for s in seed_draw], [ins_draws[s] for s in seed_draw])
+        return exchange_rate(ns, curve, target), curve, target
+
+    ids = {s: sorted(tables[(pbb.name, s)]) for s in range(seeds)}
+    point, curve, target = star(list(range(seeds)), ids)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        seed_draw = [int(x) for x in rng.integers(0, seeds, seeds)]
+        ins = {s: [ids[s][j] for j in rng.integers(0, len(ids[s]), len(ids[s]))] for s in set(seed_draw)}
+        value = star(seed_draw, ins)[0]
+        draws.append(math.inf if value is None else value)
+    # order statistics, not interpolation: an end may be infinite (not reached in that resample)
+    lo, hi = (float(x) for x in np.quantile(draws, [0.025, 0.975], method="inverted_cdf"))
+    return {
+        "n_star": point,
+        "ci_low": lo,
+        "ci_high": hi,
+        "ns": ns,
+        "ad_accuracy": curve,
+        "pbb_accuracy": target,
+        "reached_in": float(np.mean([d != math.inf for d in draws])),
+        "n_boot": n_boot,
+    }
+
+
+# -- outputs ------------------------------------------------------------------------------------------------
+
+
+def _fmt(x, digits=3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def markdown_table(rows: list[dict], measures=("accuracy",)) -> str:
+    extra = [m for m in EXTRA_MEASURES if m in measures or (m == "loss" and any("loss" in r for r in rows))]
+    head = ["arm", "set", "mode", "seeds", "n", "accuracy", "95% CI", "CI over", "per seed", *extra]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ci = f"[{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}]" if r.get("ci_low") is not None else "-"
+        per_seed = " ".join(f"{a:.2f}" for a in r.get("per_seed", []))
+        cells = [r["arm"], r["set"], r["mode"], r["seeds"], r["n"], _fmt(r.get("accuracy")), ci]
+        cells += [r.get("ci", "-"), per_seed or "-", *(_fmt(r.get(m)) for m in extra)]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def _as_records(rows: list[dict]) -> list[dict]:
+    """Aggregated rows in the shape ``pbbjax.plots`` draws: the arm in place of the stage."""
+    return [{**r, "after": r["arm"], "final": True} for r in rows if r.get("accuracy") is not None]
+
+
+def _over_steps(arms, runs, seeds) -> list[dict]:
+    """Seed-mean accuracy of each arm's stage at every evaluated step (records during and at its end)."""
+    points = defaultdict(list)
+    for arm in arms:
+        for s in range(seeds):
+            for r in runs[(arm.run, s)]:
+                if r["after"] == arm.after and r.get("accuracy") is not None:
+                    points[(arm.name, r["set"], r["mode"], r["step"])].append(r["accuracy"])
+    out = []
+    for (arm, set_name, mode, step), accs in sorted(points.items(), key=lambda kv: kv[0][3]):
+        lo, hi = seed_interval(accs)
+        rec = {"set": f"{arm}: {set_name}", "mode": mode, "step": step, "accuracy": float(np.mean(accs))}
+        out.append(rec | {"ci_low": lo, "ci_high": hi, "final": False})
+    return out
+
+
+def write_study_plots(study, arms, rows, runs, seeds, xr, outdir: Path) -> list[Path]:
+    title = f"{study.name} ({study.figure})"
+    records = _as_records(rows)
+    paths = []
+    if "arms" in study.plots and records:
+        paths.append(plot_by_stage(records, outdir / "arms.png", title))
+        for m in ("diversity", "random_baseline"):
+            if m in study.metrics:
+                ms = [{**r, "mode": m, "accuracy": r[m], "ci_low": None} for r in records if m in r]
+                paths.append(plot_by_stage(ms, outdir / f"arms_{m}.png", f"{title}: {m}"))
+    for key in ("length", "shift"):
+        if f"by_{key}" in study.plots:
+            paths.append(plot_breakdown(records, key, outdir / f"accuracy_by_{key}.png", title))
+    if "over_steps" in study.plots:
+        steps = _over_steps([a for a in arms if a.after != "stage1"], runs, seeds)
+        if steps:
+            paths.append(plot_over_steps(steps, outdir / "accuracy_over_steps.png", title))
+    if "exchange_rate" in study.plots and xr is not None:
+        curve = [(n, r) for r in records if r["set"] == "eval" for n in [_ad_n(r["arm"])] if n is not None]
+        pbb = next((r for r in records if r["arm"] == "pbb" and r["set"] == "eval"), None)
+        paths.append(
+            plot_exchange_rate(
+                sorted(curve, key=lambda c: c[0]),
+                outdir / "exchange_rate.png",
+                pbb,
+                title,
+                (xr["ci_low"], xr["ci_high"]),
+            )
+        )
+    return paths
+
+
+def _ad_n(arm: str) -> int | None:
+    return int(arm[2:]) if arm.startswith("ad") and arm[2:].isdigit() else None
+
+
+def report(study, arms, runs: dict, seeds: int, preset: str, out: Path) -> dict:
+    """Aggregate, then write results.json, table.md and plots/ into ``out``; print the table."""
+    out = Path(out)
+    rows = aggregate(arms, runs, seeds)
+    xr = exchange_rate_estimate(arms, runs, seeds) if "exchange_rate" in study.plots else None
+    data = {
+        "study": study.name,
+        "finding": study.finding,
+        "figure": study.figure,
+        "preset": preset,
+        "seeds": seeds,
+        "arms": rows,
+    }
+    if xr is not None:
+        data["exchange_rate"] = xr
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(data, indent=2))
+    table = markdown_table(rows, study.metrics)
+    if xr is not None:
+        star = "not reached" if xr["n_star"] is None else f"{xr['n_star']:.3g}"
+        if xr["n_star"] is not None and xr["ad_accuracy"][0] >= xr["pbb_accuracy"]:
+            star = f"<= {xr['ns'][0]} (AD({xr['ns'][0]}) already reaches PBB)"
+        table += (
+            f"\n\nExchange rate N* = {star}, 95% CI [{xr['ci_low']:.3g}, {xr['ci_high']:.3g}] "
+            f"(AD(N) reaches PBB in {xr['reached_in']:.0%} of {xr['n_boot']} bootstrap resamples)"
+        )
+    (out / "table.md").write_text(table + "\n")
+    paths = write_study_plots(study, arms, rows, runs, seeds, xr, out / "plots")
+    print(f"\n{study.name} ({study.figure}), preset {preset}, {seeds} seed(s): {out}\n{table}")
+    for p in paths:
+        print(f"plot: {p}")
+    return data

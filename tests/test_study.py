@@ -1,0 +1,151 @@
+"""``python -m pbbjax.study``: every study end to end on the tiny preset (a tiny random model, a few steps),
+well-formed outputs, resumption after a kill, and the report's statistics against hand-computed values."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from pbbjax import study as study_mod
+from pbbjax.studies import STUDIES, Arm
+from pbbjax.study_report import aggregate, exchange_rate_estimate, seed_interval
+from pbbjax.training.checkpoint import Checkpointer
+
+
+def run_tiny(name, tmp_path, *extra, seeds=1):
+    out, work = tmp_path / "results" / name, tmp_path / "runs" / name
+    args = [name, "--preset", "tiny", "--seeds", str(seeds), "--out", str(out), "--workdir", str(work)]
+    assert study_mod.main([*args, *extra]) == 0
+    return out, work
+
+
+def check_outputs(name, out, seeds):
+    s = STUDIES[name]
+    data = json.loads((out / "results.json").read_text())
+    assert data["study"] == name and data["seeds"] == seeds and data["preset"] == "tiny"
+    arms = {r["arm"] for r in data["arms"]}
+    assert {a.name for a in s.arms} <= arms, "every arm has a row"
+    for row in data["arms"]:
+        assert row["seeds"] == seeds and row["n"] > 0
+        assert 0.0 <= row["accuracy"] <= 1.0 and len(row["per_seed"]) == seeds
+        assert row["ci_low"] <= row["accuracy"] + 1e-9 and row["accuracy"] <= row["ci_high"] + 1e-9
+    table = (out / "table.md").read_text()
+    assert all(f"| {a} |" in table for a in arms)
+    for run in s.runs:
+        config = json.loads((out / "configs" / f"{run.name}.json").read_text())
+        assert config["command"].startswith(f"python -m pbbjax.train --config configs/{run.config}.py:")
+        for seed in range(seeds):
+            assert json.loads((out / "runs" / run.name / f"seed{seed}.json").read_text())["records"]
+    plots = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert plots and all((out / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    want = {"arms": "arms.png", "by_length": "accuracy_by_length.png", "by_shift": "accuracy_by_shift.png"}
+    want |= {"over_steps": "accuracy_over_steps.png", "exchange_rate": "exchange_rate.png"}
+    assert {want[p] for p in s.plots} <= set(plots), plots
+    return data
+
+
+# The stages (8 runs) and leetcode (1024-token rows) studies take about 3 minutes each on the tiny preset.
+SLOW = {"stages", "leetcode"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in STUDIES if n != "exchange-rate"],
+)
+def test_study_end_to_end_tiny(name, tmp_path):
+    out, work = run_tiny(name, tmp_path)
+    check_outputs(name, out, 1)
+    assert not list(work.glob("*/seed0/checkpoints/*")), "a finished run's checkpoints are removed"
+
+
+def test_exchange_rate_study_resumes_after_a_kill(tmp_path, monkeypatch, capsys, caplog):
+    """Two seeds; the run of seed 1 is killed right after its third checkpoint. The rerun skips seed 0's
+    finished run, resumes seed 1 from that checkpoint, and reports N* with its interval."""
+    saves = {"n": 0}
+    original = Checkpointer.save
+
+    def save_then_die(self, step, state, meta, *, force=False):
+        original(self, step, state, meta, force=force)
+        if "seed1" in str(self.directory) and "stage_ends" not in str(self.directory):
+            saves["n"] += 1
+            if saves["n"] == 3:
+                self.wait()
+                raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_tiny("exchange-rate", tmp_path, seeds=2)
+    out = tmp_path / "results" / "exchange-rate"
+    assert (out / "runs" / "ad" / "seed0.json").exists() and not (out / "runs" / "ad" / "seed1.json").exists()
+    capsys.readouterr()
+    monkeypatch.setattr(Checkpointer, "save", original)
+    with caplog.at_level("WARNING", logger="pbbjax.training.runner"):
+        run_tiny("exchange-rate", tmp_path, seeds=2)
+    printed = capsys.readouterr().out
+    assert "ad seed 0: done before" in printed and "ad seed 1 (" in printed
+    assert [m for m in caplog.messages if m.startswith("resuming from checkpoint")], caplog.messages
+    data = check_outputs("exchange-rate", out, 2)
+    xr = data["exchange_rate"]
+    assert xr["ns"] == [1, 2] and 0 <= xr["reached_in"] <= 1
+    assert xr["ci_low"] <= xr["ci_high"]
+
+
+def test_a_changed_config_is_not_mixed_with_old_results(tmp_path):
+    run_tiny("in-context", tmp_path)
+    with pytest.raises(ValueError, match="different config"):
+        run_tiny("in-context", tmp_path, "--set", "eval.max_new_tokens=5")
+
+
+def test_unknown_override_names_the_field(tmp_path):
+    with pytest.raises(ValueError, match="unknown config field 'train.learning_rat'"):
+        run_tiny("compositions", tmp_path, "--set", "train.learning_rat=0.5")
+
+
+# -- the report's statistics -----------------------------------------------------------------------------
+
+
+def _rec(after, acc, by_instruction=None, set_name="eval"):
+    r = {"after": after, "final": True, "set": set_name, "mode": "direct", "n": 4, "accuracy": acc}
+    return r | {"ci_low": acc - 0.1, "ci_high": acc + 0.1, "by_instruction": by_instruction or {}}
+
+
+def test_seed_interval_is_the_student_t_interval():
+    values = [0.2, 0.4, 0.3]
+    lo, hi = seed_interval(values)
+    half = stats.t.ppf(0.975, 2) * np.std(values, ddof=1) / math.sqrt(3)
+    assert lo == pytest.approx(0.3 - half) and hi == pytest.approx(min(1.0, 0.3 + half))
+    assert seed_interval([0.0, 0.0, 0.0]) == (0.0, 0.0)
+
+
+def test_aggregate_over_seeds_and_single_seed_intervals():
+    arms = (Arm("a", "r", "stage2"),)
+    runs = {("r", 0): [_rec("stage2", 0.5), _rec("stage1", 0.9)], ("r", 1): [_rec("stage2", 0.7)]}
+    (row,) = aggregate(arms, runs, 2)
+    assert row["accuracy"] == pytest.approx(0.6) and row["per_seed"] == [0.5, 0.7] and row["ci"] == "seeds"
+    (one,) = aggregate(arms, {("r", 0): runs[("r", 0)]}, 1)
+    assert (one["ci_low"], one["ci_high"], one["ci"]) == (0.4, 0.6, "instructions")
+
+
+def test_exchange_rate_point_estimate_and_interval():
+    """AD(1) = 0.1, AD(10) = 0.5, PBB = 0.3 in both seeds: N* = 10^0.5 by log-linear interpolation; when
+    every resample has the same curve the interval collapses to the point."""
+    ins = {"i": [2, 0.0], "j": [2, 0.0]}
+    arms = (Arm("pbb", "ad", "pbb"), Arm("ad1", "ad", "ad1"), Arm("ad10", "ad", "ad10"))
+
+    def recs(p, a1, a10):
+        return [
+            _rec("pbb", p, {k: [2, p] for k in ins}),
+            _rec("ad1", a1, {k: [2, a1] for k in ins}),
+            _rec("ad10", a10, {k: [2, a10] for k in ins}),
+        ]
+
+    runs = {("ad", 0): recs(0.3, 0.1, 0.5), ("ad", 1): recs(0.3, 0.1, 0.5)}
+    xr = exchange_rate_estimate(arms, runs, 2, n_boot=200)
+    assert xr["n_star"] == pytest.approx(10**0.5) and xr["ci_low"] == pytest.approx(10**0.5)
+    assert xr["ci_high"] == pytest.approx(10**0.5) and xr["reached_in"] == 1.0
+    # A seed where AD never reaches PBB: some resamples have no N*, so the interval is open above.
+    runs[("ad", 1)] = recs(0.9, 0.1, 0.5)
+    xr = exchange_rate_estimate(arms, runs, 2, n_boot=200)
+    assert xr["ci_high"] == math.inf and 0 < xr["reached_in"] < 1
