@@ -12,6 +12,10 @@ Then it aggregates the arms over seeds (``pbbjax.study_report``) into ``<out>/``
 - ``configs/<run>.json``: each run's exact config (seed 0) and the ``python -m pbbjax.train`` command that
   trains it alone.
 
+``--compile-only v5p:4x4x2`` only AOT-compiles every run's steps for that TPU topology (no weights,
+no training; ``pbbjax.aot``) and exits non-zero if one does not fit: the check that a paper-scale preset
+runs on a pod.
+
 ``<out>`` defaults to ``results/<name>/<preset>``, ``<workdir>`` to ``runs/study/<name>/<preset>``.
 Compiled steps are cached on disk across arms (``~/.cache/pbbjax/jax`` unless ``JAX_COMPILATION_CACHE_DIR``
 is set). Interrupted, the same command resumes: finished runs (their records present, from the same
@@ -150,6 +154,23 @@ class StudyRunner:
             }
             path.write_text(json.dumps(data, indent=2))
 
+    def compile_only(self, topology: str) -> int:
+        """AOT-compile every run's steps for a TPU ``topology`` (``pbbjax.aot``); 0 if every run fits."""
+        from pbbjax import aot
+
+        failed = []
+        for run in self.study.runs:
+            config = self.config(run, 0)
+            config.compile_only_topology = topology
+            print(f"== {self.study.name}: {run.name} ({command_of(run, self.preset, {})})", flush=True)
+            if aot.run(config):
+                failed.append(run.name)
+        print(
+            f"\n{self.study.name} on {topology}: "
+            + (f"DOES NOT FIT: {failed}" if failed else "every run fits")
+        )
+        return 1 if failed else 0
+
     def run(self, keep_checkpoints: bool = False) -> dict:
         from pbbjax import train
         from pbbjax.study_report import report
@@ -222,6 +243,9 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="a config override for every run: key=value")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's checkpoints")
     p.add_argument("--list", action="store_true", help="list the studies and their arms")
+    p.add_argument(
+        "--compile-only", default="", metavar="TOPOLOGY", help="only AOT-compile every run for a TPU topology"
+    )
     args = p.parse_args(argv)
     if args.list or not args.study:
         for s in STUDIES.values():
@@ -239,6 +263,8 @@ def main(argv=None) -> int:
         Path(args.workdir or f"runs/study/{study.name}/{tag}"),
         parse_set(args.set),
     )
+    if args.compile_only:
+        return runner.compile_only(args.compile_only)
     runner.run(keep_checkpoints=args.keep_checkpoints)
     return 0
 

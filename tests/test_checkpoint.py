@@ -106,6 +106,19 @@ def test_round_trip_into_requested_shardings(tmp_path, mesh):
     assert isinstance(restored["params"], nnx.State)
 
 
+def test_relative_directory(tmp_path, mesh, monkeypatch):
+    """Workdirs are relative by default (runs/...); Orbax's writer wants absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    state = make_state(mesh)
+    with Checkpointer("runs/a/checkpoints", fingerprint=FP) as ck:
+        ck.save(3, state, {"step": 3})
+        ck.wait()
+    with Checkpointer("runs/a/checkpoints", fingerprint=FP) as ck:
+        restored, meta, step = ck.restore(abstract_like(state))
+    assert (step, meta) == (3, {"step": 3}) and (tmp_path / "runs/a/checkpoints/3").is_dir()
+    assert_bitwise_equal(restored, state)
+
+
 def test_keep_newest_k_and_async_wait(tmp_path, mesh):
     state = make_state(mesh)
     big = {"w": jax.random.normal(jax.random.key(0), (2048, 1024))}  # 8 MB

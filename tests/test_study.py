@@ -149,3 +149,16 @@ def test_exchange_rate_point_estimate_and_interval():
     runs[("ad", 1)] = recs(0.9, 0.1, 0.5)
     xr = exchange_rate_estimate(arms, runs, 2, n_boot=200)
     assert xr["ci_high"] == math.inf and 0 < xr["reached_in"] < 1
+
+
+def test_study_compile_only_on_a_tpu_topology(capsys):
+    """Every run of the retroactive study (SFT and GRPO steps, sampler) AOT-compiles for a TPU topology."""
+    assert study_mod.main(["retroactive", "--preset", "tiny", "--compile-only", "v5e:2x2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("all steps fit") == 2 and "retroactive on v5e:2x2: every run fits" in printed
+    assert "grpo" in printed
+
+
+@pytest.mark.slow
+def test_paper_scale_study_compiles_on_its_pod():
+    assert study_mod.main(["exchange-rate", "--preset", "qwen3-0.6b,v5e-4", "--compile-only", "v5e:2x2"]) == 0

@@ -113,7 +113,9 @@ class Checkpointer:
             is_primary = jax.process_index() == 0
         elif jax.process_count() > 1 and is_primary != (jax.process_index() == 0):
             raise ValueError("Orbax writes checkpoint metadata from process 0; is_primary must match it")
-        self.directory = epath.Path(directory)
+        # Orbax's OCDBT writer needs an absolute path; gs:// and other URLs are absolute already.
+        local = "://" not in str(directory)
+        self.directory = epath.Path(os.path.abspath(directory) if local else directory)
         self.fingerprint = _normalise(fingerprint)
         self.is_primary = is_primary
         self._corrupt: set[int] = set()  # steps restore() found unreadable: save() may replace them
