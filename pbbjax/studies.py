@@ -57,19 +57,19 @@ _ARITH_CPU = {
     "domain_options.arithmetic.num_inputs": (1, 1),
     "data.num_train_instructions": 10,
     "data.num_eval_instructions": 4,
-    "data.decl_repeats": 4,
-    "data.exec_per_instruction": 4,
-    "data.eval_inputs": 5,
+    "data.decl_repeats": 3,
+    "data.exec_per_instruction": 3,
+    "data.eval_inputs": 3,
     "pipeline.seq_len": 192,
     "pipeline.batch_size": 4,
     "train.learning_rate": 2e-4,
     "train.warmup_steps": 2,
     "train.epochs": 1,
     "train.checkpoint_every": 10,
-    "eval.max_rows": 20,
-    "eval.batch_size": 20,
+    "eval.max_rows": 12,
+    "eval.batch_size": 12,
     "eval.max_new_tokens": 10,
-    "eval.cot_max_new_tokens": 48,
+    "eval.cot_max_new_tokens": 96,  # CoT traces of these programs run to 76 tokens
 }
 _TINY = {
     "data.num_train_instructions": 3,
@@ -156,17 +156,31 @@ def _exchange_rate(ns_cpu=(1, 2, 5, 10, 20)) -> Study:
 
 
 def _in_context() -> Study:
-    lengths = {"domain_options.arithmetic.length": (1, 6), "eval.sets": ("in_context",)}
-    base = {**lengths, "eval.at_start": True, "eval.modes": ("in_context",)}
+    """The instruction in the prompt, by program length: the base model, and the model after proactive
+    stage 1 (which knows the answer format from the train programs' executions, as in the paper)."""
+    over = {
+        "domain_options.arithmetic.length": (1, 6),
+        "data.stages": "1",
+        "eval.sets": ("in_context",),
+        "eval.modes": ("in_context",),
+        "eval.at_start": True,
+    }
     return Study(
         "in-context",
         "With the instruction in context, accuracy falls with program length (the in-context reference).",
         "Fig. 3 upper left",
-        (Run("in-context", "proactive", {**base, "curriculum": "in_context"}),),
-        (Arm("in-context", "in-context", "start"),),
+        (Run("in-context", "proactive", over),),
+        (Arm("base-model", "in-context", "start"), Arm("after-stage1", "in-context", "stage1")),
         {
-            "tiny": {**_TINY},
-            "cpu": {**_ARITH_CPU, **lengths, "data.eval_inputs": 6, "eval.max_rows": 72},
+            "tiny": _TINY,
+            "cpu": {
+                **_ARITH_CPU,
+                "data.num_eval_instructions": 12,
+                "data.eval_inputs": 4,
+                "eval.max_rows": 48,
+                "eval.batch_size": 16,
+                "pipeline.seq_len": 256,
+            },
             "paper": _PAPER,
         },
         plots=("arms", "by_length"),
