@@ -45,7 +45,20 @@ def _save(fig, path) -> Path:
     return path
 
 
-def plot_by_stage(records: list[dict], path, title: str = "") -> Path:
+def plot_by_stage(records: list[dict], path, title: str = "", measure: str = "accuracy") -> Path:
+    """Bars of ``measure`` after each stage (or per arm), one series per (set, mode), with CI bars
+    (``ci_low``/``ci_high``; for another measure, ``<measure>_ci_low``/``_high``)."""
+    if measure != "accuracy":
+        records = [
+            {
+                **r,
+                "accuracy": r[measure],
+                "ci_low": r.get(f"{measure}_ci_low"),
+                "ci_high": r.get(f"{measure}_ci_high"),
+            }
+            for r in records
+            if r.get(measure) is not None
+        ]
     finals = [r for r in records if r.get("final", True) and r.get("accuracy") is not None]
     stages = _ordered(r["after"] for r in finals)
     series = _ordered((r["set"], r["mode"]) for r in finals)
@@ -58,9 +71,10 @@ def plot_by_stage(records: list[dict], path, title: str = "") -> Path:
         err = list(zip(*(_err(rs[s]) for s in stages if s in rs), strict=True))
         ax.bar(xs, ys, width, yerr=err, capsize=3, label=f"{name} ({mode})")
     ax.set_xticks(range(len(stages)), stages)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title(title or "accuracy after each stage")
+    if measure == "accuracy":
+        ax.set_ylim(0, 1)
+    ax.set_ylabel(measure)
+    ax.set_title(title or f"{measure} after each stage")
     ax.legend(fontsize=8)
     return _save(fig, path)
 

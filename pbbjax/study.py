@@ -156,8 +156,12 @@ class StudyRunner:
 
     def compile_only(self, topology: str) -> int:
         """AOT-compile every run's steps for a TPU ``topology`` (``pbbjax.aot``); 0 if every run fits."""
+        import jax
+
         from pbbjax import aot
 
+        # Programs compiled for a topology without devices cannot be read back from the persistent cache.
+        jax.config.update("jax_enable_compilation_cache", False)
         failed = []
         for run in self.study.runs:
             config = self.config(run, 0)

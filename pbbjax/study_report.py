@@ -27,14 +27,14 @@ from pbbjax.plots import exchange_rate, plot_breakdown, plot_by_stage, plot_exch
 EXTRA_MEASURES = ("loss", "diversity", "random_baseline")
 
 
-def seed_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Student-t interval of the mean of per-seed values, clipped to [0, 1]."""
+def seed_interval(values: list[float], confidence: float = 0.95, bounds=(0.0, 1.0)) -> tuple[float, float]:
+    """Student-t interval of the mean of per-seed values, clipped to ``bounds`` (accuracies: [0, 1])."""
     k = len(values)
     mean = float(np.mean(values))
     if k < 2:
         return mean, mean
     half = stats.t.ppf(0.5 + confidence / 2, k - 1) * float(np.std(values, ddof=1)) / math.sqrt(k)
-    return max(0.0, mean - half), min(1.0, mean + half)
+    return max(bounds[0], mean - half), min(bounds[1], mean + half)
 
 
 def arm_finals(arm, records: list[dict]) -> list[dict]:
@@ -66,6 +66,8 @@ def aggregate(arms, runs: dict, seeds: int) -> list[dict]:
                 values = [r[m] for r in recs if isinstance(r.get(m), float)]
                 if values:
                     row[m] = float(np.mean(values))
+                if m == "loss" and len(values) >= 2:  # the held-out answer loss: finer than accuracy
+                    row["loss_ci_low"], row["loss_ci_high"] = seed_interval(values, bounds=(0.0, math.inf))
             for key in {k for r in recs for k in r if k.startswith("by_") and k != "by_instruction"}:
                 row[key] = _breakdown([r[key] for r in recs if key in r])
             rows.append(row)
@@ -157,15 +159,23 @@ def _fmt(x, digits=3) -> str:
 
 def markdown_table(rows: list[dict], measures=("accuracy",)) -> str:
     extra = [m for m in EXTRA_MEASURES if m in measures or (m == "loss" and any("loss" in r for r in rows))]
-    head = ["arm", "set", "mode", "seeds", "n", "accuracy", "95% CI", "CI over", "per seed", *extra]
+    names = {"loss": "answer loss [95% CI]"}
+    head = ["arm", "set", "mode", "seeds", "n", "accuracy", "95% CI", "CI over", "per seed"]
+    head += [names.get(m, m) for m in extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ci = f"[{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}]" if r.get("ci_low") is not None else "-"
         per_seed = " ".join(f"{a:.2f}" for a in r.get("per_seed", []))
         cells = [r["arm"], r["set"], r["mode"], r["seeds"], r["n"], _fmt(r.get("accuracy")), ci]
-        cells += [r.get("ci", "-"), per_seed or "-", *(_fmt(r.get(m)) for m in extra)]
+        cells += [r.get("ci", "-"), per_seed or "-", *(_measure(r, m) for m in extra)]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
+
+
+def _measure(row: dict, m: str) -> str:
+    if row.get(f"{m}_ci_low") is None:
+        return _fmt(row.get(m))
+    return f"{_fmt(row.get(m))} [{_fmt(row[f'{m}_ci_low'])}, {_fmt(row[f'{m}_ci_high'])}]"
 
 
 def _as_records(rows: list[dict]) -> list[dict]:
@@ -195,10 +205,9 @@ def write_study_plots(study, arms, rows, runs, seeds, xr, outdir: Path) -> list[
     paths = []
     if "arms" in study.plots and records:
         paths.append(plot_by_stage(records, outdir / "arms.png", title))
-        for m in ("diversity", "random_baseline"):
-            if m in study.metrics:
-                ms = [{**r, "mode": m, "accuracy": r[m], "ci_low": None} for r in records if m in r]
-                paths.append(plot_by_stage(ms, outdir / f"arms_{m}.png", f"{title}: {m}"))
+        for m in ("loss", "diversity", "random_baseline"):
+            if (m in study.metrics or m == "loss") and any(m in r for r in records):
+                paths.append(plot_by_stage(records, outdir / f"arms_{m}.png", f"{title}: {m}", measure=m))
     for key in ("length", "shift"):
         if f"by_{key}" in study.plots:
             paths.append(plot_breakdown(records, key, outdir / f"accuracy_by_{key}.png", title))

@@ -46,8 +46,9 @@ def check_outputs(name, out, seeds):
     return data
 
 
-# The stages (8 runs) and leetcode (1024-token rows) studies take about 3 minutes each on the tiny preset.
-SLOW = {"stages", "leetcode"}
+# On the tiny preset, stages (8 runs) and leetcode (1024-token rows) take about 3 minutes each, and
+# representation (4 proactive runs, the machinery of compositions) 1.5 minutes.
+SLOW = {"stages", "leetcode", "representation"}
 
 
 @pytest.mark.parametrize(
@@ -121,9 +122,15 @@ def test_seed_interval_is_the_student_t_interval():
 
 def test_aggregate_over_seeds_and_single_seed_intervals():
     arms = (Arm("a", "r", "stage2"),)
-    runs = {("r", 0): [_rec("stage2", 0.5), _rec("stage1", 0.9)], ("r", 1): [_rec("stage2", 0.7)]}
+    runs = {
+        ("r", 0): [_rec("stage2", 0.5) | {"loss": 1.0}, _rec("stage1", 0.9)],
+        ("r", 1): [_rec("stage2", 0.7) | {"loss": 2.0}],
+    }
     (row,) = aggregate(arms, runs, 2)
     assert row["accuracy"] == pytest.approx(0.6) and row["per_seed"] == [0.5, 0.7] and row["ci"] == "seeds"
+    half = stats.t.ppf(0.975, 1) * np.std([1.0, 2.0], ddof=1) / math.sqrt(2)  # losses are not clipped at 1
+    assert (row["loss"], row["loss_ci_high"]) == (pytest.approx(1.5), pytest.approx(1.5 + half))
+    assert row["loss_ci_low"] == 0.0
     (one,) = aggregate(arms, {("r", 0): runs[("r", 0)]}, 1)
     assert (one["ci_low"], one["ci_high"], one["ci"]) == (0.4, 0.6, "instructions")
 
