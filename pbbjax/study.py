@@ -156,12 +156,8 @@ class StudyRunner:
 
     def compile_only(self, topology: str) -> int:
         """AOT-compile every run's steps for a TPU ``topology`` (``pbbjax.aot``); 0 if every run fits."""
-        import jax
-
         from pbbjax import aot
 
-        # Programs compiled for a topology without devices cannot be read back from the persistent cache.
-        jax.config.update("jax_enable_compilation_cache", False)
         failed = []
         for run in self.study.runs:
             config = self.config(run, 0)
@@ -256,7 +252,8 @@ def main(argv=None) -> int:
             print(f"{s.name:15s} {s.figure:22s} runs: {', '.join(r.name for r in s.runs)}")
         return 0
     logging.basicConfig(level=logging.WARNING)
-    enable_compilation_cache()
+    if not args.compile_only:  # programs compiled for a device-less topology cannot be read back
+        enable_compilation_cache()
     study = STUDIES[args.study]
     tag = args.preset.replace(",", "-")
     runner = StudyRunner(
