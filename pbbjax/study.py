@@ -12,9 +12,10 @@ Then it aggregates the arms over seeds (``pbbjax.study_report``) into ``<out>/``
 - ``configs/<run>.json``: each run's exact config (seed 0) and the ``python -m pbbjax.train`` command that
   trains it alone.
 
-``--compile-only v5p:4x4x2`` only AOT-compiles every run's steps for that TPU topology (no weights,
-no training; ``pbbjax.aot``) and exits non-zero if one does not fit: the check that a paper-scale preset
-runs on a pod.
+``--report-only`` only aggregates the records already in ``<out>`` (after changing how reports are
+made, or to look at a finished study again); it never trains. ``--compile-only v5p:4x4x2`` only
+AOT-compiles every run's steps for that TPU topology (no weights, no training; ``pbbjax.aot``) and exits
+non-zero if one does not fit: the check that a paper-scale preset runs on a pod.
 
 ``<out>`` defaults to ``results/<name>/<preset>``, ``<workdir>`` to ``runs/study/<name>/<preset>``.
 Compiled steps are cached on disk across arms (``~/.cache/pbbjax/jax`` unless ``JAX_COMPILATION_CACHE_DIR``
@@ -171,6 +172,24 @@ class StudyRunner:
         )
         return 1 if failed else 0
 
+    def report_only(self) -> dict:
+        """The comparison from the runs' records already in ``out``, training nothing."""
+        from pbbjax.study_report import report
+
+        todo = [(seed, run) for seed in range(self.seeds) for run in self.study.runs]
+        missing = [
+            f"{run.name} seed {seed}" for seed, run in todo if not self.records_path(run, seed).exists()
+        ]
+        if missing:
+            raise FileNotFoundError(
+                f"--report-only: no records in {self.out / 'runs'} for {', '.join(missing)}"
+            )
+        runs = {
+            (run.name, seed): json.loads(self.records_path(run, seed).read_text())["records"]
+            for seed, run in todo
+        }
+        return report(self.study, self.arms, runs, self.seeds, self.preset, self.out)
+
     def run(self, keep_checkpoints: bool = False) -> dict:
         from pbbjax import train
         from pbbjax.study_report import report
@@ -243,6 +262,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="a config override for every run: key=value")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's checkpoints")
     p.add_argument("--list", action="store_true", help="list the studies and their arms")
+    p.add_argument("--report-only", action="store_true", help="only aggregate the records already in --out")
     p.add_argument(
         "--compile-only", default="", metavar="TOPOLOGY", help="only AOT-compile every run for a TPU topology"
     )
@@ -266,6 +286,9 @@ def main(argv=None) -> int:
     )
     if args.compile_only:
         return runner.compile_only(args.compile_only)
+    if args.report_only:
+        runner.report_only()
+        return 0
     runner.run(keep_checkpoints=args.keep_checkpoints)
     return 0
 

@@ -94,7 +94,12 @@ def test_exchange_rate_study_resumes_after_a_kill(tmp_path, monkeypatch, capsys,
 
 
 def test_a_changed_config_is_not_mixed_with_old_results(tmp_path):
-    run_tiny("in-context", tmp_path)
+    out, _ = run_tiny("in-context", tmp_path)
+    (out / "results.json").unlink()
+    run_tiny("in-context", tmp_path, "--report-only")  # aggregates the records, trains nothing
+    assert json.loads((out / "results.json").read_text())["arms"]
+    with pytest.raises(FileNotFoundError, match="no records .* for in-context seed 1"):
+        run_tiny("in-context", tmp_path, "--report-only", seeds=2)
     with pytest.raises(ValueError, match="different config"):
         run_tiny("in-context", tmp_path, "--set", "eval.max_new_tokens=5")
 
