@@ -70,7 +70,12 @@ def plot_by_stage(records: list[dict], path, title: str = "", measure: str = "ac
         ys = [rs[s]["accuracy"] for s in stages if s in rs]
         err = list(zip(*(_err(rs[s]) for s in stages if s in rs), strict=True))
         ax.bar(xs, ys, width, yerr=err, capsize=3, label=f"{name} ({mode})")
-    ax.set_xticks(range(len(stages)), stages)
+    ax.set_xticks(
+        range(len(stages)),
+        stages,
+        rotation=30 if len(stages) > 5 else 0,
+        ha="right" if len(stages) > 5 else "center",
+    )
     if measure == "accuracy":
         ax.set_ylim(0, 1)
     ax.set_ylabel(measure)
