@@ -45,6 +45,17 @@ def _save(fig, path) -> Path:
     return path
 
 
+def _finish(fig, ax, path, title: str, xlabel: str | None = None, legend_size: int = 8) -> Path:
+    """The accuracy axis ([0, 1]), labels, title and legend every accuracy plot shares; saves ``fig``."""
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    return _save(fig, path)
+
+
 def plot_by_stage(records: list[dict], path, title: str = "", measure: str = "accuracy") -> Path:
     """Bars of ``measure`` after each stage (or per arm), one series per (set, mode), with CI bars
     (``ci_low``/``ci_high``; for another measure, ``<measure>_ci_low``/``_high``)."""
@@ -95,12 +106,7 @@ def plot_breakdown(records: list[dict], key: str, path, title: str = "") -> Path
         ys = [table[x]["accuracy"] for x in xs]
         err = list(zip(*(_err(table[x]) for x in xs), strict=True))
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=2, label=f"{r['after']}: {r['set']} ({r['mode']})")
-    ax.set_xlabel(key)
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(title or f"accuracy by {key}")
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _finish(fig, ax, path, title or f"accuracy by {key}", key, legend_size=7)
 
 
 def plot_over_steps(records: list[dict], path, title: str = "") -> Path:
@@ -117,12 +123,7 @@ def plot_over_steps(records: list[dict], path, title: str = "") -> Path:
     for r in rs:
         if r.get("final"):
             ax.axvline(r["step"], color="grey", lw=0.5, ls=":")
-    ax.set_xlabel("step")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(title or "accuracy through training")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, ax, path, title or "accuracy through training", "step")
 
 
 def exchange_rate(ns, accuracies, target: float) -> float | None:
@@ -177,12 +178,9 @@ def plot_exchange_rate(
             hi = hi if math.isfinite(hi) else max(ns) * 10
             ax.axvspan(lo, hi, color="C3", alpha=0.08, label=f"N* 95% CI [{lo:.3g}, {star_ci[1]:.3g}]")
     ax.set_xscale("log")
-    ax.set_xlabel("N (execution examples per eval instruction)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(title or "exchange rate: AD(N) vs PBB")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(
+        fig, ax, path, title or "exchange rate: AD(N) vs PBB", "N (execution examples per eval instruction)"
+    )
 
 
 def write_plots(records: list[dict], outdir, title: str = "", pbb: dict | None = None) -> list[Path]:
