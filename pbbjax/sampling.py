@@ -49,7 +49,6 @@ kept), ``ended`` (False where a row ran out of tokens) and ``steps`` (decode ste
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -63,6 +62,7 @@ from pbbjax.models.config import resolve_dtype
 from pbbjax.models.decoder import ACT
 from pbbjax.models.layers import rms_norm, rope_cos_sin, rope_inv_freq
 from pbbjax.models.sharding import constrain, logical_to_spec
+from pbbjax.stops import cut_at_stop, stop_token_sequences
 
 # KV cache layouts: keys [rows, kv_heads, head_dim, slots], values [rows, kv_heads, slots, head_dim].
 K_AXES = ("batch", "kv_heads", "head_dim", "length")
@@ -118,48 +118,6 @@ def process_logits(logits: jax.Array, temperature, top_k=0, top_p=1.0) -> jax.Ar
     n_keep = jnp.maximum(jnp.sum(before < p, axis=-1, keepdims=True), 1)
     cutoff = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
     return jnp.where((p >= 1) | (x >= cutoff), x, -jnp.inf)
-
-
-def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
-    """``text`` up to (not including) the earliest occurrence of any stop string; unchanged if none."""
-    ends = [i for i in (text.find(s) for s in stop or ()) if i >= 0]
-    return text[: min(ends)] if ends else text
-
-
-_vocab_texts_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _vocab_texts(tokenizer, vocab_size: int) -> list[str]:
-    """The decoded text of every single token id below ``vocab_size`` (cached per tokenizer)."""
-    texts = _vocab_texts_cache.get(tokenizer)
-    if texts is None or len(texts) < vocab_size:
-        ids = [[i] for i in range(vocab_size)]
-        if hasattr(tokenizer, "batch_decode"):
-            texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-        else:
-            texts = [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
-        _vocab_texts_cache[tokenizer] = texts
-    return texts[:vocab_size]
-
-
-def stop_token_sequences(tokenizer, stop: Sequence[str], vocab_size: int) -> list[tuple[int, ...]]:
-    """Token sequences whose generation puts a stop string into the decoded text: every single token whose
-    text contains one, and each stop string's tokenization, whole and character by character (kept only
-    where it decodes to text containing the stop string)."""
-    if not stop:
-        return []
-    seqs = {
-        (i,) for i, text in enumerate(_vocab_texts(tokenizer, vocab_size)) if any(s in text for s in stop)
-    }
-
-    def encode(text):
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    for s in stop:
-        for ids in (encode(s), [t for c in s for t in encode(c)]):
-            if ids and max(ids) < vocab_size and s in tokenizer.decode(ids, skip_special_tokens=True):
-                seqs.add(tuple(ids))
-    return sorted(seqs)
 
 
 def _check_prompts(

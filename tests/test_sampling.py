@@ -8,12 +8,11 @@ from scipy import stats
 from pbbjax import generate, load_model
 from pbbjax.sampling import (
     _bucket,
-    cut_at_stop,
     generate_arrays,
     generate_tokens,
     process_logits,
-    stop_token_sequences,
 )
+from pbbjax.stops import cut_at_stop, stop_token_sequences
 
 PROMPT = [5, 17, 33, 2, 9, 101, 64]
 NO_EOS = dict(eos_ids=(-1,), pad_id=0)  # no token ends a row, so the first token is always kept
