@@ -1,18 +1,31 @@
-"""A ``gs://`` workdir is checked before any compute: credentials found, and the bucket writable in time.
+"""Workdirs on ``gs://`` (or any fsspec URL): checked before any compute, and mirrored for the small files.
 
-Checkpoints go through orbax, which reaches ``gs://`` through etils' ``epath`` (fsspec's ``gcsfs``) and
-tensorstore. Both find credentials the Google way: ``GOOGLE_APPLICATION_CREDENTIALS``, the gcloud
+A run's workdir holds checkpoints (large, written by orbax) and small files (``results.json``,
+``metrics.jsonl``, ``plots/``, ``source_model/``, ``tensorboard/``, ``export/``) that are written by
+code expecting a local directory: matplotlib, an appended log, ``save_pretrained``. :class:`Workdir`
+sends the checkpoints straight to the URL (orbax and tensorstore speak ``gs://``), and keeps the small
+files in a local mirror that it fills from the URL when a run starts (so a run restarted on a new VM sees
+its results and metrics) and uploads after each write that matters (results, checkpoints, plots,
+exports). A local workdir is its own mirror and nothing is copied.
+
+Credentials are found the Google way: ``GOOGLE_APPLICATION_CREDENTIALS``, the gcloud
 application-default file, or the metadata server of a Google Cloud VM (a TPU VM's service account). A run
-without any of them would fail only at its first checkpoint; this check fails at once, naming the workdir
-and what to do, and never waits on the network for longer than ``timeout_s``.
+without any of them would fail only at its first checkpoint; :func:`check_workdir` fails at once, naming
+the workdir and what to do, and never waits on the network for longer than ``timeout_s``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import tempfile
 import threading
 import uuid
 from pathlib import Path
+
+# Written straight to the workdir's URL by orbax, never mirrored.
+CHECKPOINT_DIRS = ("checkpoints", "stage_ends")
 
 
 class WorkdirError(RuntimeError):
@@ -33,18 +46,83 @@ def credentials_source() -> str | None:
     return None
 
 
-def _write_probe(workdir: str) -> None:
+def is_remote(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path within it) of a URL; a clear error when its package is missing."""
+    import fsspec
+
     try:
-        import gcsfs
-    except ImportError:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
         raise WorkdirError(
-            f"workdir {workdir!r} needs gcsfs for gs:// paths: pip install 'pbbjax[tpu]'"
+            f"workdir {url!r} needs an fsspec backend ({e}); for gs:// paths: pip install 'pbbjax[tpu]'"
         ) from None
 
-    fs = gcsfs.GCSFileSystem()
-    probe = f"{workdir.rstrip('/')}/.pbbjax-write-check-{uuid.uuid4().hex}"
+
+def _write_probe(workdir: str) -> None:
+    fs, root = filesystem(workdir)
+    probe = f"{root.rstrip('/')}/.pbbjax-write-check-{uuid.uuid4().hex}"
     fs.pipe(probe, b"ok")
     fs.rm(probe)
+
+
+class Workdir:
+    """A run's workdir: ``local`` is where its small files are written (the workdir itself, or for a URL a
+    mirror under the temp directory); :meth:`url` is where a checkpoint directory goes."""
+
+    def __init__(self, location: str | os.PathLike, mirror_root: str | os.PathLike | None = None):
+        self.location = str(location)
+        self.remote = is_remote(self.location)
+        if self.remote:
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", self.location)[-80:]
+            digest = hashlib.sha256(self.location.encode()).hexdigest()[:8]
+            root = Path(mirror_root or Path(tempfile.gettempdir()) / "pbbjax-workdirs")
+            self.local = root / f"{name}-{digest}"
+        else:
+            self.local = Path(self.location)
+
+    def __str__(self) -> str:
+        return self.location
+
+    def url(self, *parts: str) -> str:
+        """The workdir's ``parts`` (for orbax): a URL joined with "/", or a local path."""
+        if self.remote:
+            return "/".join([self.location.rstrip("/"), *parts])
+        return str(self.local.joinpath(*parts))
+
+    def pull(self) -> None:
+        """Replace the mirror's small files with the URL's (a restart on a fresh VM resumes with them)."""
+        if not self.remote:
+            return
+        fs, root = filesystem(self.location)
+        root = root.rstrip("/")
+        if not fs.exists(root):
+            return
+        for remote in fs.find(root):
+            rel = remote[len(root) + 1 :]
+            if rel.split("/", 1)[0] in CHECKPOINT_DIRS:
+                continue
+            target = self.local / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.pull")
+            tmp.write_bytes(fs.cat_file(remote))
+            tmp.replace(target)
+
+    def push(self, *names: str) -> None:
+        """Upload the mirror's files or directories ``names`` (relative to the workdir) to the URL."""
+        if not self.remote:
+            return
+        fs, root = filesystem(self.location)
+        root = root.rstrip("/")
+        for name in names:
+            source = self.local / name
+            files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+            for path in files:
+                if path.is_file():
+                    fs.pipe_file(f"{root}/{path.relative_to(self.local).as_posix()}", path.read_bytes())
 
 
 def check_workdir(workdir: str, timeout_s: float = 30.0) -> None:

@@ -69,7 +69,7 @@ def tiny_model_dir(fields: dict, workdir: Path, seed: int) -> Path:
 
 def run(config) -> list[dict]:
     """Train ``config``'s whole curriculum (resuming from its workdir) and return its evaluation records."""
-    from pbbjax.storage import check_workdir
+    from pbbjax.storage import Workdir, check_workdir
 
     check_workdir(config.workdir)
     maybe_initialize_distributed(config.distributed)
@@ -78,7 +78,7 @@ def run(config) -> list[dict]:
 
     with config.unlocked():
         config.workdir = config.workdir or f"runs/{config.curriculum}-{config.domain}-seed{config.seed}"
-    workdir = Path(config.workdir)
+    workdir = Workdir(config.workdir).local  # a gs:// workdir's local mirror
     workdir.mkdir(parents=True, exist_ok=True)
     if config.model.tiny:
         path = tiny_model_dir(config.model.tiny.to_dict(), workdir, config.seed)

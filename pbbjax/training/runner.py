@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +33,7 @@ from pbbjax.formatting import chat_prompt
 from pbbjax.models.hf_io import load_model, save_model
 from pbbjax.models.sharding import make_mesh
 from pbbjax.pipeline import make_dataset, tokenize_rows
+from pbbjax.storage import Workdir
 from pbbjax.training import sft
 from pbbjax.training.checkpoint import Checkpointer, abstract_like, shape_digest
 from pbbjax.training.grpo import GRPOConfig
@@ -78,7 +78,9 @@ class SFTStepper:
 class Runner:
     def __init__(self, config, model_path):
         self.config = config
-        self.workdir = Path(config.workdir)
+        self.wd = Workdir(config.workdir)  # gs://: checkpoints there, the small files in a local mirror
+        self.wd.pull()
+        self.workdir = self.wd.local
         self.primary = jax.process_index() == 0
         self.mesh = make_mesh(**config.mesh)
         self.model, self.tokenizer = load_model(
@@ -93,6 +95,7 @@ class Runner:
         from pbbjax.export import write_source_model  # what `python -m pbbjax.export` needs of the model
 
         write_source_model(self.workdir, self.model.cfg, self.tokenizer)
+        self._push("source_model")
         self.domain = domain_of(config)
         self.curriculum = build_curriculum(self.domain, config.curriculum, curriculum_config(config))
         self.pipeline = pipeline_config(config)
@@ -112,7 +115,7 @@ class Runner:
         self.logger = MetricsLogger(self.workdir)
         fingerprint = {**_model_fingerprint(self.model.cfg), "params": shape_digest(nnx.state(self.model))}
         self.ckpt = Checkpointer(
-            self.workdir / "checkpoints", keep=config.train.keep_checkpoints, fingerprint=fingerprint
+            self.wd.url("checkpoints"), keep=config.train.keep_checkpoints, fingerprint=fingerprint
         )
         self.flops_per_token = train_flops_per_token(self.model.cfg, self.pipeline.seq_len)
         self.results_path = self.workdir / "results.json"
@@ -273,6 +276,7 @@ class Runner:
                 meta = {"stage": stage.name, "stage_index": si, "stage_step": step + 1}
                 meta["data_state"] = it.get_state() if it is not None else None
                 self.ckpt.save(offset + step + 1, state, meta, force=step + 1 == steps)
+                self._push("metrics.jsonl")  # the metrics up to the checkpoint a restart resumes from
             if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
                 records = self._evaluate(state["params"], stage.name, offset + step + 1, final=False)
                 self.logger.log(offset + step + 1, _flatten(records), prefix=f"{stage.name}/eval/")
@@ -310,10 +314,11 @@ class Runner:
             save_model(
                 nnx.merge(self.graphdef, params), self.workdir / "export" / name, tokenizer=self.tokenizer
             )
+            self._push(f"export/{name}")
 
     def _stage_end_checkpointer(self, name):
         return Checkpointer(
-            self.workdir / "stage_ends" / name, keep=1, fingerprint=self.ckpt.fingerprint, async_save=False
+            self.wd.url("stage_ends", name), keep=1, fingerprint=self.ckpt.fingerprint, async_save=False
         )
 
     def _save_stage_end(self, name, params):
@@ -324,9 +329,7 @@ class Runner:
         with self._stage_end_checkpointer(name) as c:
             restored = c.restore({"params": abstract_like(nnx.state(self.model))})
         if restored is None:
-            raise FileNotFoundError(
-                f"the end of stage {name!r} is missing from {self.workdir / 'stage_ends'}"
-            )
+            raise FileNotFoundError(f"the end of stage {name!r} is missing from {self.wd.url('stage_ends')}")
         return restored[0]["params"]
 
     def _read_records(self) -> list[dict]:
@@ -342,18 +345,25 @@ class Runner:
             tmp = self.results_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(data, indent=2))
             tmp.replace(self.results_path)
+            self._push("results.json", "metrics.jsonl")
+
+    def _push(self, *names):
+        """Upload these small files of a gs:// workdir's mirror (nothing to do for a local workdir)."""
+        if self.primary:
+            self.wd.push(*(n for n in names if (self.workdir / n).exists()))
 
     def _report(self):
         """The results table on stdout, and the plots in <workdir>/plots."""
         if not self.primary:
             return
         c = self.config
-        print(f"\n{c.curriculum} curriculum, {c.domain}, seed {c.seed}: {self.workdir}")
+        print(f"\n{c.curriculum} curriculum, {c.domain}, seed {c.seed}: {self.wd}")
         print(results_table([r for r in self.records if r["final"]]))
         from pbbjax.plots import write_plots
 
         for path in write_plots(self.records, self.workdir / "plots", title=f"{c.curriculum}, {c.domain}"):
             print(f"plot: {path}")
+        self._push("plots", "tensorboard", "metrics.jsonl")
 
 
 def _model_fingerprint(cfg) -> dict:
