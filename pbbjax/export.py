@@ -44,6 +44,7 @@ from pbbjax.models.decoder import Transformer
 from pbbjax.models.hf_io import TOKENIZER_FILES as _TOKENIZER_CORE
 from pbbjax.models.hf_io import _replace_dir, hf_config_dict
 from pbbjax.models.hf_weights import hf_shape, param_table, save_tensors_streaming, to_hf
+from pbbjax.storage import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,15 @@ def _workdir_of(root: Path) -> Path:
     return root.parent.parent if root.parent.name == "stage_ends" else root.parent
 
 
+def _as_path(path: str | Path) -> Path:
+    """A local path, or for a URL (``gs://``) an ``epath.Path``, which reads it through fsspec."""
+    return epath.Path(path) if is_remote(path) else Path(path)
+
+
 def find_checkpoints(path: str | Path) -> tuple[list[Checkpoint], Path]:
     """Every checkpoint under ``path`` (a run's workdir, its ``checkpoints/`` or a ``stage_ends/<stage>/``
-    directory, or one step directory), and the run's workdir."""
-    path = Path(path)
+    directory, or one step directory, local or ``gs://``), and the run's workdir."""
+    path = _as_path(path)
     if not path.is_dir():
         raise ExportError(f"--checkpoint {path} is not a directory")
     if (path / "checkpoints").is_dir() or (path / "stage_ends").is_dir():
@@ -172,7 +178,8 @@ def select_checkpoint(
     return max(found, key=lambda c: -1 if c.step is None else c.step)
 
 
-def _source_dir(model: str | Path | None, workdir: Path) -> Path:
+def _source_dir(model: str | Path | None, workdir: Path, scratch: Path) -> Path:
+    """The run's HF config and tokenizer as a local directory (a ``gs://`` run's copied to ``scratch``)."""
     if model is not None:
         if not (Path(model) / "config.json").is_file():
             raise ExportError(f"--model {model} is not a local Hugging Face directory: no config.json")
@@ -184,7 +191,12 @@ def _source_dir(model: str | Path | None, workdir: Path) -> Path:
             f"(runs older than pbbjax writing {SOURCE_MODEL}/); pass --model with the HF directory the run "
             f"started from (for the tiny preset: {workdir / 'tiny_model'})"
         )
-    return source
+    if isinstance(source, Path):
+        return source
+    for file in source.iterdir():  # a few small files: the config, generation config and tokenizer
+        if file.is_file():
+            (scratch / file.name).write_bytes(file.read_bytes())
+    return scratch
 
 
 # -- reading the checkpoint ---------------------------------------------------------------------------
@@ -339,9 +351,15 @@ def export_checkpoint(
     ``block_bytes``: how much of a parameter stacked over layers is read at once (whole layers, at least
     one); by default the size of the largest tensor.
     """
+    with tempfile.TemporaryDirectory(prefix="pbbjax-source-") as scratch:
+        args = (stage, step, model, dtype, max_shard_bytes, block_bytes)
+        return _export(checkpoint, out, *args, Path(scratch))
+
+
+def _export(checkpoint, out, stage, step, model, dtype, max_shard_bytes, block_bytes, scratch) -> Path:
     found, workdir = find_checkpoints(checkpoint)
-    picked = select_checkpoint(found, Path(checkpoint), stage, step)
-    source = _source_dir(model, workdir)
+    picked = select_checkpoint(found, _as_path(checkpoint), stage, step)
+    source = _source_dir(model, workdir, scratch)
     log.info("exporting %s with the config and tokenizer of %s", picked, source)
     generation = source / "generation_config.json"
     generation = json.loads(generation.read_text()) if generation.is_file() else {}

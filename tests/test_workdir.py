@@ -13,11 +13,13 @@ import tempfile
 from pathlib import Path
 
 import fsspec  # noqa: F401  (fsspec.registry below)
+import numpy as np
 import pytest
 from conftest import load_config
 from fsspec.implementations.memory import MemoryFileSystem
+from safetensors.numpy import load_file
 
-from pbbjax import storage
+from pbbjax import export, storage
 from pbbjax.training import runner as runner_module
 
 
@@ -118,3 +120,25 @@ def test_run_on_a_gs_workdir_uploads_its_files_and_resumes_on_a_fresh_machine(gc
     assert pbbjax.train.run(config) == records
     mirror = storage.Workdir("gs://bucket/run").local
     assert mirror.is_relative_to(tmp_path / "fresh-vm") and (mirror / "results.json").exists()
+
+    # `python -m pbbjax.export --checkpoint gs://...`: the listing, the checkpoints' metadata and the source
+    # model come from the bucket; only the arrays are read locally (tensorstore's GCS driver, as above).
+    local_root = tmp_path / "checkpoints-of-the-bucket"
+    gcs.put(str(local_root) + "/", "bucket/run/", recursive=True)
+    found, workdir = export.find_checkpoints("gs://bucket/run")
+    want, _ = export.find_checkpoints(local_root)
+    assert [(c.stage, c.step) for c in found] == [(c.stage, c.step) for c in want]
+    assert str(workdir) == "gs://bucket/run" and str(found[-1].path).startswith("gs://bucket/run/")
+    read_arrays = export.CheckpointArrays.__init__
+
+    def arrays_read_locally(self, step_dir):
+        read_arrays(self, Path(str(step_dir).replace("gs://bucket/run", str(local_root))))
+
+    monkeypatch.setattr(export.CheckpointArrays, "__init__", arrays_read_locally)
+    out = export.export_checkpoint("gs://bucket/run", tmp_path / "hf", stage="stage2")
+    assert (out / "tokenizer.json").exists()
+    exported = load_file(out / "model.safetensors")
+    reference = load_file(mirror / "export" / "stage2" / "model.safetensors")
+    assert exported.keys() == reference.keys()
+    for name, value in reference.items():
+        assert np.array_equal(exported[name], value), name
