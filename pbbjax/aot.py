@@ -226,7 +226,7 @@ def model_config(config) -> ModelConfig:
     if not os.path.isdir(path):
         raise ValueError(
             f"compile-only mode reads no weights but needs the model's config.json: model.path {path!r} is "
-            "no local directory, so set model.config_file (the paper presets ship configs/models/*.json)"
+            "no local directory, so set model.config_file (the presets ship theirs in pbbjax/model_configs/)"
         )
     return ModelConfig.from_dir(path, **options)
 

@@ -9,7 +9,7 @@ A config is an ``ml_collections.ConfigDict`` with the sections:
 - ``model``: ``path`` ("" = the embedded SmolLM2-135M-Instruct), ``dtype``, ``compute_dtype``
 - ``mesh``: ``data``, ``fsdp``, ``tensor`` sizes (-1 = the remaining devices)
 - ``compile_only_topology``: a TPU topology or pod to only compile the run's steps for (``pbbjax.aot``);
-  ``model.config_file`` then gives the model's shape (the paper presets ship ``configs/models/*.json``)
+  ``model.config_file`` then gives the model's shape (the paper presets ship ``pbbjax/model_configs/*.json``)
 - ``demo``: the prompt the main job answers until the trainer exists
 """
 

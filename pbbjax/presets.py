@@ -1,7 +1,7 @@
 """Paper-scale presets: the paper's models, the TPU slices they run on, and their batch and sequence settings.
 
 ``configs/<curriculum>.py:<model>[,<pod>]`` selects one (``config.select_preset``), e.g.
-``configs/proactive.py:qwen3-14b,v5p-64``. The model's shape comes from ``configs/models/<model>.json``,
+``configs/proactive.py:qwen3-14b,v5p-64``. The model's shape comes from ``pbbjax/model_configs/<model>.json``,
 a copy of the published Hugging Face ``config.json`` (no weights), so compile-only mode
 (``pbbjax.aot``) needs no network; training loads the weights from the hub id (or a local copy given as
 ``model.path``).
@@ -28,7 +28,7 @@ from pathlib import Path
 from pbbjax.memory import GIB, Layout, total, train_estimate
 from pbbjax.models.config import ModelConfig
 
-MODEL_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+MODEL_DIR = Path(__file__).resolve().parent / "model_configs"  # package data: in every install
 
 
 # HBM per chip: Google Cloud's TPU documentation, and what XLA's TPU compiler lets a program use (the
@@ -68,7 +68,7 @@ PODS = {
     "v6e-8": Pod("v6e:2x4", 8),
 }
 
-# model preset -> (Hugging Face hub id, default pod); the shape file is configs/models/<preset>.json.
+# model preset -> (Hugging Face hub id, default pod); the shape file is pbbjax/model_configs/<preset>.json.
 MODELS = {
     "qwen3-0.6b": ("Qwen/Qwen3-0.6B", "v5e-8"),
     "qwen3-1.7b": ("Qwen/Qwen3-1.7B", "v5e-8"),
