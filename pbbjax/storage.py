@@ -6,7 +6,8 @@ code expecting a local directory: matplotlib, an appended log, ``save_pretrained
 sends the checkpoints straight to the URL (orbax and tensorstore speak ``gs://``), and keeps the small
 files in a local mirror that it fills from the URL when a run starts (so a run restarted on a new VM sees
 its results and metrics) and uploads after each write that matters (results, checkpoints, plots,
-exports). A local workdir is its own mirror and nothing is copied.
+exports). The launcher's worker logs (``logs/``) sit beside them and are never downloaded. A local
+workdir is its own mirror and nothing is copied.
 
 Credentials are found the Google way: ``GOOGLE_APPLICATION_CREDENTIALS``, the gcloud
 application-default file, or the metadata server of a Google Cloud VM (a TPU VM's service account). A run
@@ -23,9 +24,6 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
-
-# Written straight to the workdir's URL by orbax, never mirrored.
-CHECKPOINT_DIRS = ("checkpoints", "stage_ends")
 
 
 class WorkdirError(RuntimeError):
@@ -93,19 +91,17 @@ class Workdir:
             return "/".join([self.location.rstrip("/"), *parts])
         return str(self.local.joinpath(*parts))
 
-    def pull(self) -> None:
-        """Replace the mirror's small files with the URL's (a restart on a fresh VM resumes with them)."""
+    def pull(self, *names: str) -> None:
+        """Replace the mirror's files ``names`` with the URL's, where it has them (a restart on a fresh VM
+        resumes with its results and metrics; plots and exports are written anew)."""
         if not self.remote:
             return
         fs, root = filesystem(self.location)
-        root = root.rstrip("/")
-        if not fs.exists(root):
-            return
-        for remote in fs.find(root):
-            rel = remote[len(root) + 1 :]
-            if rel.split("/", 1)[0] in CHECKPOINT_DIRS:
+        for name in names:
+            remote = f"{root.rstrip('/')}/{name}"
+            if not fs.isfile(remote):
                 continue
-            target = self.local / rel
+            target = self.local / name
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.pull")
             tmp.write_bytes(fs.cat_file(remote))

@@ -79,7 +79,7 @@ class Runner:
     def __init__(self, config, model_path):
         self.config = config
         self.wd = Workdir(config.workdir)  # gs://: checkpoints there, the small files in a local mirror
-        self.wd.pull()
+        self.wd.pull("results.json", "metrics.jsonl")
         self.workdir = self.wd.local
         self.primary = jax.process_index() == 0
         self.mesh = make_mesh(**config.mesh)
