@@ -1,0 +1,120 @@
+"""Shared by the tpu/ launcher tests: the example slices' flags and gcloud lines, the dry-run driver,
+and a worker-like home with the worker scripts, a fake trainer and a gcloud that records its calls."""
+
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tpu"))
+import pbbtpu  # noqa: E402
+from pbbtpu_lib import UsageError, parse_accelerator, summarize_run  # noqa: E402, F401  (for the tests)
+
+V5E = ["--name", "pbb-small", "--zone", "us-west4-a", "--project", "my-proj"]
+V5P = ["--name", "pbb-pod", "--zone", "us-east5-a", "--project", "my-proj"]
+REPO = ["--repo", "https://github.com/me/pbbjax.git", "--ref", "v0.1"]
+AT_V5E = "--zone=us-west4-a --project=my-proj"
+AT_V5P = "--zone=us-east5-a --project=my-proj"
+SETUP_V5E = (
+    "gcloud compute tpus tpu-vm ssh pbb-small --zone=us-west4-a --project=my-proj --worker=all --quiet "
+    "'--command=set -euo pipefail; if [ ! -d pbbjax/.git ]; then git clone --quiet "
+    "https://github.com/me/pbbjax.git pbbjax; fi; git -C pbbjax fetch --quiet "
+    "https://github.com/me/pbbjax.git v0.1; git -C pbbjax checkout --quiet --force FETCH_HEAD; "
+    "cd pbbjax && bash tpu/worker_setup.sh --python 3.11'"
+)
+POD_WORKDIR = "gs://my-bucket/runs/qwen3-14b"
+POD_RUN = ["--config", "configs/proactive.py:qwen3-14b,v5p-32", "--workdir", POD_WORKDIR]
+LAUNCH_POD = (
+    f"gcloud compute tpus tpu-vm ssh pbb-pod {AT_V5P} --worker=all --quiet '--command=cd pbbjax && "
+    f"bash tpu/worker_run.sh start --workdir {POD_WORKDIR} -- --config configs/proactive.py:qwen3-14b,v5p-32 "
+    f"--config.workdir={POD_WORKDIR} --config.distributed=on'"
+)
+DESCRIBE_POD = f"gcloud compute tpus tpu-vm describe pbb-pod {AT_V5P} '--format=value(state)'"
+STATUS_POD = (
+    f"gcloud compute tpus tpu-vm ssh pbb-pod {AT_V5P} --worker=all --quiet "
+    "'--command=cd pbbjax && bash tpu/worker_run.sh status'"
+)
+CREATE_POD = (
+    f"gcloud compute tpus tpu-vm create pbb-pod {AT_V5P} --version=v2-alpha-tpuv5 --accelerator-type=v5p-32"
+)
+SETUP_POD = SETUP_V5E.replace("pbb-small", "pbb-pod").replace(AT_V5E, AT_V5P)
+
+
+@pytest.fixture(autouse=True)
+def _no_gcloud_env(monkeypatch):
+    for name in ("CLOUDSDK_CORE_PROJECT", "CLOUDSDK_COMPUTE_ZONE", "HF_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def dry(capsys, *argv):
+    """(exit status, command lines, note lines, stderr) of one pbbtpu call; it must run and sleep nothing."""
+    capsys.readouterr()
+    forbidden = AssertionError("the dry run tried to run or wait")
+    with mock.patch.object(subprocess, "run", side_effect=forbidden), mock.patch.object(time, "sleep"):
+        rc = pbbtpu.main([argv[0], "--dry-run", *argv[1:]])
+        assert not time.sleep.called
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    return rc, [x for x in lines if not x.startswith("#")], [x for x in lines if x.startswith("#")], err
+
+
+def remote_argv(line: str) -> list[str]:
+    """The argv the worker's shell runs for a printed `gcloud ... ssh ... --command=...` line."""
+    command = [t for t in shlex.split(line) if t.startswith("--command=")]
+    assert len(command) == 1, line
+    return shlex.split(command[0].removeprefix("--command="))
+
+
+NASTY = '--config.demo.prompt=What\'s "blorp(5)"?  $HOME `id`; echo hi > pwned'
+
+
+def _fake_checkout(tmp_path) -> Path:
+    """A worker's home: pbbjax/tpu/ with the worker scripts; bin/ with a gcloud that records its calls."""
+    home = tmp_path / "home"
+    shutil.copytree(ROOT / "tpu", home / "pbbjax" / "tpu", ignore=shutil.ignore_patterns("__pycache__"))
+    (home / "bin").mkdir()
+    _executable(home / "bin" / "gcloud", f'#!/usr/bin/env bash\necho "$*" >> {home / "gcloud-calls"}\n')
+    return home
+
+
+def _executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+FAKE_TRAINER = """#!/usr/bin/env bash
+printf '%s\\n' "$@" > "$FAKE_ARGS"
+echo "step 1 loss 2.5 on $(hostname)"
+sleep "${FAKE_SLEEP:-0}"
+exit "${FAKE_CODE:-0}"
+"""
+
+
+def _worker_env(home: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PBB", "FAKE"))}
+    fake_python = _executable(home / "bin" / "fake-python", FAKE_TRAINER)
+    env.update(HOME=str(home), PATH=f"{home / 'bin'}:{env['PATH']}", PBB_PYTHON=str(fake_python))
+    env.update(FAKE_ARGS=str(home / "trainer-args"), PBB_SYNC_SECONDS="1", **extra)
+    return env
+
+
+def _worker(home: Path, env: dict, *args: str) -> str:
+    cmd = ["bash", "pbbjax/tpu/worker_run.sh", *args]
+    return subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True, check=True).stdout
+
+
+def _wait_for(home, env, wanted: str, timeout=30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while wanted not in (out := _worker(home, env, "status")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert wanted in out, out
+    return out
