@@ -250,7 +250,7 @@ def report(study, arms, runs: dict, seeds: int, preset: str, out: Path) -> dict:
     if xr is not None:
         data["exchange_rate"] = xr
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(data, indent=2))
+    (out / "results.json").write_text(json.dumps(_strict_json(data), indent=2, allow_nan=False))
     table = markdown_table(rows, study.metrics)
     if xr is not None:
         star = "not reached" if xr["n_star"] is None else f"{xr['n_star']:.3g}"
@@ -266,3 +266,15 @@ def report(study, arms, runs: dict, seeds: int, preset: str, out: Path) -> dict:
     for p in paths:
         print(f"plot: {p}")
     return data
+
+
+def _strict_json(value):
+    """JSON has no inf or NaN (an unreached N* bound, a loss interval's open end): they are written as the
+    strings "inf", "-inf" and "nan", which ``float()`` reads back, as in ``metrics.jsonl``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(v) for v in value]
+    return value
