@@ -248,6 +248,8 @@ def report(study, arms, runs: dict, seeds: int, preset: str, out: Path) -> dict:
         "arms": rows,
     }
     if xr is not None:
+        base = [r["accuracy"] for r in rows if r["arm"] == "stage1" and r["set"] == "eval"]
+        xr["stage1_accuracy"] = base[0] if base else None  # what PBB adds to, from the same stage-1 model
         data["exchange_rate"] = xr
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(_strict_json(data), indent=2, allow_nan=False))
@@ -260,6 +262,12 @@ def report(study, arms, runs: dict, seeds: int, preset: str, out: Path) -> dict:
             f"\n\nExchange rate N* = {star}, 95% CI [{xr['ci_low']:.3g}, {xr['ci_high']:.3g}] "
             f"(AD(N) reaches PBB in {xr['reached_in']:.0%} of {xr['n_boot']} bootstrap resamples)"
         )
+        if xr["stage1_accuracy"] is not None and xr["pbb_accuracy"] <= xr["stage1_accuracy"]:
+            table += (
+                f"\n\nCaution: PBB ({xr['pbb_accuracy']:.3f}) is no better than stage 1 alone "
+                f"({xr['stage1_accuracy']:.3f}), so N* measures no learning from the instruction: AD(N) only "
+                "has to match the stage-1 model."
+            )
     (out / "table.md").write_text(table + "\n")
     paths = write_study_plots(study, arms, rows, runs, seeds, xr, out / "plots")
     print(f"\n{study.name} ({study.figure}), preset {preset}, {seeds} seed(s): {out}\n{table}")

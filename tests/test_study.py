@@ -10,7 +10,7 @@ from scipy import stats
 
 from pbbjax import study as study_mod
 from pbbjax.studies import STUDIES, Arm
-from pbbjax.study_report import aggregate, exchange_rate_estimate, seed_interval
+from pbbjax.study_report import aggregate, exchange_rate_estimate, report, seed_interval
 from pbbjax.training.checkpoint import Checkpointer
 
 
@@ -161,6 +161,20 @@ def test_exchange_rate_point_estimate_and_interval():
     runs[("ad", 1)] = recs(0.9, 0.1, 0.5)
     xr = exchange_rate_estimate(arms, runs, 2, n_boot=200)
     assert xr["ci_high"] == math.inf and 0 < xr["reached_in"] < 1
+
+
+def test_exchange_rate_report_warns_when_pbb_is_no_better_than_stage1(tmp_path, capsys):
+    names = ("stage1", "pbb", "ad1", "ad10")
+    arms = tuple(Arm(a, "ad", a) for a in names)
+
+    def recs(stage1, pbb):
+        return [_rec(a, acc, {"i": [2, acc]}) for a, acc in zip(names, (stage1, pbb, 0.5, 1.0), strict=True)]
+
+    for pbb, warned in ((0.25, True), (0.75, False)):
+        runs = {("ad", 0): recs(0.25, pbb), ("ad", 1): recs(0.25, pbb)}
+        data = report(STUDIES["exchange-rate"], arms, runs, 2, "test", tmp_path / str(pbb))
+        assert data["exchange_rate"]["stage1_accuracy"] == 0.25
+        assert ("no better than stage 1 alone" in (tmp_path / str(pbb) / "table.md").read_text()) == warned
 
 
 def test_study_compile_only_on_a_tpu_topology(capsys):
