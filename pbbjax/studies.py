@@ -277,7 +277,11 @@ def _grammars() -> Study:
             Arm("stage1-only", "proactive", "stage1"),
             Arm("proactive", "proactive", "stage2"),
         ),
-        {"tiny": _TINY, "cpu": {**_ARITH_CPU, "eval.max_new_tokens": 24}, "paper": _PAPER},
+        {  # a grammar's rules run to about 200 tokens
+            "tiny": _TINY,
+            "cpu": {**_ARITH_CPU, "pipeline.seq_len": 384, "eval.max_new_tokens": 24},
+            "paper": _PAPER,
+        },
         metrics=("accuracy", "diversity", "random_baseline"),
         seeds=1,
     )
