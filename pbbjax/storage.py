@@ -115,10 +115,9 @@ class Workdir:
         root = root.rstrip("/")
         for name in names:
             source = self.local / name
-            files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
-            for path in files:
-                if path.is_file():
-                    fs.pipe_file(f"{root}/{path.relative_to(self.local).as_posix()}", path.read_bytes())
+            files = sorted(source.rglob("*")) if source.is_dir() else [source]
+            for path in filter(Path.is_file, files):
+                fs.pipe_file(f"{root}/{path.relative_to(self.local).as_posix()}", path.read_bytes())
 
 
 def check_workdir(workdir: str, timeout_s: float = 30.0) -> None:
