@@ -108,7 +108,8 @@ class Workdir:
             tmp.replace(target)
 
     def push(self, *names: str) -> None:
-        """Upload the mirror's files or directories ``names`` (relative to the workdir) to the URL."""
+        """Upload the mirror's files or directories ``names`` (relative to the workdir; missing ones are
+        skipped) to the URL."""
         if not self.remote:
             return
         fs, root = filesystem(self.location)

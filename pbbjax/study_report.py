@@ -23,6 +23,7 @@ import numpy as np
 from scipy import stats
 
 from pbbjax.plots import exchange_rate, plot_breakdown, plot_by_stage, plot_exchange_rate, plot_over_steps
+from pbbjax.training.metrics import json_value
 
 EXTRA_MEASURES = ("loss", "diversity", "random_baseline")
 
@@ -248,7 +249,8 @@ def report(study, arms, runs: dict, seeds: int, preset: str, out: Path) -> dict:
         "arms": rows,
     }
     if xr is not None:
-        base = [r["accuracy"] for r in rows if r["arm"] == "stage1" and r["set"] == "eval"]
+        stage1 = {a.name for a in arms if a.after == "stage1"}
+        base = [r["accuracy"] for r in rows if r["arm"] in stage1 and r["set"] == "eval"]
         xr["stage1_accuracy"] = base[0] if base else None  # what PBB adds to, from the same stage-1 model
         data["exchange_rate"] = xr
     out.mkdir(parents=True, exist_ok=True)
@@ -277,10 +279,10 @@ def report(study, arms, runs: dict, seeds: int, preset: str, out: Path) -> dict:
 
 
 def _strict_json(value):
-    """JSON has no inf or NaN (an unreached N* bound, a loss interval's open end): they are written as the
-    strings "inf", "-inf" and "nan", which ``float()`` reads back, as in ``metrics.jsonl``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+    """JSON has no inf or NaN (an unreached N* bound, a loss interval's open end): floats go through
+    ``metrics.json_value``, as in ``metrics.jsonl``."""
+    if isinstance(value, float):
+        return json_value(value)
     if isinstance(value, dict):
         return {k: _strict_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

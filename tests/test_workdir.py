@@ -63,7 +63,7 @@ def test_mirror_pull_push_and_urls(gcs, tmp_path):
     (wd.local / "plots").mkdir(parents=True)
     (wd.local / "plots" / "a.png").write_bytes(b"png")
     (wd.local / "results.json").write_text("{}")
-    wd.push("plots", "results.json")
+    wd.push("plots", "results.json", "metrics.jsonl")  # no metrics yet: skipped
     assert _bucket_files(gcs) == ["plots/a.png", "results.json"]
     gcs.pipe("bucket/run/checkpoints/10/state", b"big")  # orbax's: never downloaded
     gcs.pipe("bucket/run/results.json", b'{"records": []}')

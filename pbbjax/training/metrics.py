@@ -94,7 +94,7 @@ def _to_float(value: Any) -> float:
     return float(x)
 
 
-def _json_value(value: float) -> float | str:
+def json_value(value: float) -> float | str:
     # JSON has no NaN/inf: they are written as the strings "nan", "inf", "-inf" (float() reads them back).
     return value if math.isfinite(value) else str(value)
 
@@ -133,7 +133,7 @@ class MetricsLogger:
             values = {head + k: _to_float(v) for k, v in metrics.items()}
         except (TypeError, ValueError) as e:
             raise TypeError(f"metrics must be numbers or single-element arrays: {metrics!r}") from e
-        line = {"step": int(step), **{k: _json_value(v) for k, v in values.items()}}
+        line = {"step": int(step), **{k: json_value(v) for k, v in values.items()}}
         self._file.write(json.dumps(line) + "\n")
         self._file.flush()
         if self._writer is not None:

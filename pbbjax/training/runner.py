@@ -350,7 +350,7 @@ class Runner:
     def _push(self, *names):
         """Upload these small files of a gs:// workdir's mirror (nothing to do for a local workdir)."""
         if self.primary:
-            self.wd.push(*(n for n in names if (self.workdir / n).exists()))
+            self.wd.push(*names)
 
     def _report(self):
         """The results table on stdout, and the plots in <workdir>/plots."""
