@@ -265,6 +265,47 @@ def _ciphers() -> Study:
     )
 
 
+def _minimal() -> Study:
+    """The search for a PBB effect at CPU scale (docs/results.md): the simplest programs (one statement,
+    ``x + c`` or ``x - c``), CoT traces that restate the statement before computing it, and enough stage-2
+    repeats and updates for the model to memorise every eval definition. The other studies' CPU sizes
+    train stage 2 for a step or two, too little to learn the eval programs' text at all."""
+    over = {
+        **_variant("cot"),
+        "domain_options.arithmetic.length": (1, 1),
+        "domain_options.arithmetic.num_inputs": (1, 1),
+        "domain_options.arithmetic.operations": ("+", "-"),
+        "domain_options.arithmetic.constant_range": (1, 20),  # 40 distinct programs
+        "domain_options.arithmetic.operand_first_prob": 0.0,
+        "eval.cot_max_new_tokens": 40,  # these traces run to about 25 tokens
+    }
+    return Study(
+        "minimal",
+        "(The paper's proactive result in its simplest form.) Proactive PBB executes eval programs that "
+        "stage 1 alone cannot.",
+        "Fig. 3 lower left, CoT",
+        (Run("proactive", "proactive", over),),
+        (Arm("stage1-only", "proactive", "stage1"), Arm("proactive", "proactive", "stage2")),
+        {
+            "tiny": _TINY,
+            "cpu": {
+                **_ARITH_CPU,
+                "data.num_train_instructions": 16,
+                "data.num_eval_instructions": 8,
+                "data.decl_repeats": 12,
+                "data.exec_per_instruction": 6,
+                "data.eval_inputs": 4,
+                "pipeline.batch_size": 2,
+                "eval.at_start": False,
+                "eval.max_rows": 32,
+                "eval.batch_size": 16,
+            },
+            "paper": _PAPER,
+        },
+        seeds=1,
+    )
+
+
 def _grammars() -> Study:
     grammar = {"domain": "grammars", "eval.temperature": 1.0, "eval.sets": ("eval",), "eval.at_start": True}
     return Study(
@@ -319,5 +360,6 @@ STUDIES: dict[str, Study] = {
         ),
         _ciphers(),
         _grammars(),
+        _minimal(),
     )
 }
