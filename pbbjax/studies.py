@@ -268,9 +268,10 @@ def _ciphers() -> Study:
 
 def _minimal() -> Study:
     """The search for a PBB effect at CPU scale (docs/results.md): the simplest programs (one statement,
-    ``x + c`` or ``x - c``), CoT traces that restate the statement before computing it, and enough stage-2
-    repeats and updates for the model to memorise every eval definition. The other studies' CPU sizes
-    train stage 2 for a step or two, too little to learn the eval programs' text at all."""
+    ``x + c`` or ``x - c``), CoT traces that restate the statement before computing it, enough stage-2
+    repeats and updates for the model to memorise every eval definition, and (on CPU) stage-1 rows replayed
+    in stage 2 so that the model keeps answering in the trace format. The other studies' CPU sizes train
+    stage 2 for a step or two, too little to learn the eval programs' text at all."""
     over = {
         **_variant("cot"),
         "domain_options.arithmetic.length": (1, 1),
@@ -296,6 +297,7 @@ def _minimal() -> Study:
                 "data.decl_repeats": 12,
                 "data.exec_per_instruction": 6,
                 "data.eval_inputs": 4,
+                "data.replay_fraction": 0.5,  # against the format collapse of a declarative-only stage 2
                 "pipeline.batch_size": 2,
                 "eval.at_start": False,
                 "eval.max_rows": 32,
