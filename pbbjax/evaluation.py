@@ -21,6 +21,9 @@ Modes (how the model is asked; ``EvalConfig.modes``):
 Scores come from the domain (exact match of the extracted, normalised answer; grammars: acceptance by the
 parser). Grammar-like domains (with ``diversity`` and ``random_baseline``) also get the diversity of the
 generations and the parser's acceptance rate of random word strings of the same lengths (chance level).
+Domains with a ``recall`` (arithmetic) also get, in ``cot`` mode, the fraction of generated traces that
+state every statement of the program, whatever values they compute: retrieval of the program apart from
+arithmetic.
 
 Confidence intervals: a percentile bootstrap over *instructions* (rows of one instruction are correlated, so
 instructions are resampled with all their rows); with a single instruction, over rows. Seeded.
@@ -239,6 +242,12 @@ def evaluate(
                 texts = generate_answers(model, tokenizer, curriculum.instructions, rows, mode, cfg)
                 scores = score_texts(domain, curriculum.instructions, rows, texts)
                 record |= summarize(scores, rows, curriculum.instructions, cfg)
+                if mode == "cot" and hasattr(domain, "recall"):  # the trace states the program's statements
+                    recalled = [
+                        domain.recall(curriculum.instructions[r.instruction_id], t)
+                        for r, t in zip(rows, texts, strict=True)
+                    ]
+                    record["recall"] = float(np.mean(recalled))
                 if hasattr(domain, "random_baseline") and hasattr(domain, "diversity"):
                     record |= grammar_measures(domain, curriculum.instructions, rows, texts, cfg.seed)
                 record["samples"] = [

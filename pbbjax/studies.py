@@ -305,6 +305,7 @@ def _minimal() -> Study:
             },
             "paper": _PAPER,
         },
+        metrics=("accuracy", "recall"),
         seeds=1,
     )
 

@@ -3,7 +3,7 @@
 Each arm's row per (set, mode) holds the per-seed accuracies, their mean and a 95% interval: with two or
 more seeds a Student-t interval over the seeds' accuracies (``ci: "seeds"``); with one seed the run's own
 bootstrap interval over instructions (``ci: "instructions"``). Other numeric measures (held-out loss,
-grammar diversity and random baseline) are averaged over seeds.
+CoT recall, grammar diversity and random baseline) are averaged over seeds.
 
 The exchange rate N* (the N at which AD(N) reaches PBB from one instruction, interpolated in log N) is
 estimated from the seed-mean curves; its interval is a two-level bootstrap: seeds with replacement, then
@@ -25,7 +25,7 @@ from scipy import stats
 from pbbjax.plots import exchange_rate, plot_breakdown, plot_by_stage, plot_exchange_rate, plot_over_steps
 from pbbjax.training.metrics import json_value
 
-EXTRA_MEASURES = ("loss", "diversity", "random_baseline")
+EXTRA_MEASURES = ("loss", "recall", "diversity", "random_baseline")
 
 
 def seed_interval(values: list[float], confidence: float = 0.95, bounds=(0.0, 1.0)) -> tuple[float, float]:
@@ -206,7 +206,7 @@ def write_study_plots(study, arms, rows, runs, seeds, xr, outdir: Path) -> list[
     paths = []
     if "arms" in study.plots and records:
         paths.append(plot_by_stage(records, outdir / "arms.png", title))
-        for m in ("loss", "diversity", "random_baseline"):
+        for m in EXTRA_MEASURES:
             if (m in study.metrics or m == "loss") and any(m in r for r in records):
                 paths.append(plot_by_stage(records, outdir / f"arms_{m}.png", f"{title}: {m}", measure=m))
     for key in ("length", "shift"):

@@ -377,3 +377,27 @@ def test_options_are_checked():
     domain = ArithmeticDomain(num_inputs=1)
     with pytest.raises(ValueError, match="takes 1 input"):
         domain.execute(domain.instructions(1, 0)[0], [[1, 2]])
+
+
+def test_recall_reads_the_statements_a_trace_states_not_its_values():
+    domain = ArithmeticDomain()
+    blorp = Instruction(
+        "arithmetic/blorp",
+        "Blorp",
+        "def blorp(x):\n    b = x * 3\n    return b - 4",
+        meta={"entry_point": "blorp"},
+    )
+    wrong_sums = "blorp(5):\nx = 5\nb = x * 3 = 5 * 3 = 16\nreturn b - 4 = 16 - 4 = 11\nAnswer: 11"
+    assert domain.recall(blorp, wrong_sums) == 1.0  # the program retrieved, the arithmetic wrong
+    assert domain.recall(blorp, wrong_sums.replace("x * 3 =", "x * 4 =")) == 0.0  # another constant
+    assert domain.recall(blorp, "blorp(5):\nreturn b - 4 = 11\nb = x * 3 = 15") == 0.0  # out of order
+    assert domain.recall(blorp, "Answer: 11") == 0.0
+    # every generated program (and composition) recalls its own reference traces
+    programs = ArithmeticDomain(num_inputs=1, length=(1, 5)).instructions(40, 5)
+    composed = domain.compositions(programs, 10, seed=0)
+    for ins in [*programs, *composed]:
+        for example in domain.execute(ins, domain.sample_inputs(ins, 3, 0)):
+            assert domain.recall(ins, example.cot) == 1.0, (ins.text, example.cot)
+    trace = domain.execute(composed[0], domain.sample_inputs(composed[0], 1, 0))[0].cot
+    outer = composed[0].meta["composition"][0].split("/")[1]
+    assert domain.recall(composed[0], trace[: trace.index(f"\n{outer}(")]) == 0.0  # g's trace alone

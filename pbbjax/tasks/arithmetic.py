@@ -170,6 +170,24 @@ class ArithmeticDomain:
             return float(answer.strip() == example.output.strip())
         return float(type(got) is type(expected) and got == expected)
 
+    def recall(self, instruction: Instruction, text: str) -> float:
+        """1.0 iff a generated CoT trace states every statement of the program symbolically, in order
+        (``return x - 14``, ``b = x * 3``, ``if b > 7``), whatever values it then computes: whether the
+        model retrieved the program it learnt, apart from its arithmetic. For a composition, every program
+        of the chain."""
+        heads = [
+            _head(stmt)
+            for program in parse_chain(instruction.text, instruction.meta["entry_point"])
+            for stmt in program.body
+        ]
+        at = 0
+        for head in heads:
+            found = text.find(head, at)
+            if found < 0:
+                return 0.0
+            at = found + len(head)
+        return 1.0
+
     def render_input(self, example: Example) -> str:
         return ", ".join(f"{name} = {value}" for name, value in zip(INPUT_NAMES, example.input, strict=False))
 
@@ -297,6 +315,14 @@ def trace_lines(program: Program, steps: list[Step], i: int) -> list[str]:
             head = "return" if isinstance(stmt, Return) else f"{stmt.target} ="
             lines.append(f"{head} {_worked(stmt.expr, values, result)}")
     return lines
+
+
+def _head(stmt: Assign | If | Return) -> str:
+    """A statement as its trace line starts, before any value (see ``trace_lines``)."""
+    if isinstance(stmt, If):
+        return f"if {stmt.var} {stmt.cmp} {stmt.threshold}:"
+    head = "return" if isinstance(stmt, Return) else f"{stmt.target} ="
+    return f"{head} {render_expr(stmt.expr)} = "
 
 
 def _worked(expr: BinOp | Call, values: dict[str, int], result: int) -> str:
