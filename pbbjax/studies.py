@@ -306,7 +306,6 @@ def _minimal() -> Study:
             "paper": _PAPER,
         },
         metrics=("accuracy", "recall"),
-        seeds=1,
     )
 
 
