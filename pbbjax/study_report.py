@@ -26,6 +26,8 @@ from pbbjax.plots import exchange_rate, plot_breakdown, plot_by_stage, plot_exch
 from pbbjax.training.metrics import json_value
 
 EXTRA_MEASURES = ("loss", "recall", "diversity", "random_baseline")
+# measures finer than accuracy, with a t-interval over seeds like accuracy's (within these bounds)
+SEED_INTERVALS = {"loss": (0.0, math.inf), "recall": (0.0, 1.0)}
 
 
 def seed_interval(values: list[float], confidence: float = 0.95, bounds=(0.0, 1.0)) -> tuple[float, float]:
@@ -67,8 +69,9 @@ def aggregate(arms, runs: dict, seeds: int) -> list[dict]:
                 values = [r[m] for r in recs if isinstance(r.get(m), float)]
                 if values:
                     row[m] = float(np.mean(values))
-                if m == "loss" and len(values) >= 2:  # the held-out answer loss: finer than accuracy
-                    row["loss_ci_low"], row["loss_ci_high"] = seed_interval(values, bounds=(0.0, math.inf))
+                if m in SEED_INTERVALS and len(values) >= 2:
+                    row[f"{m}_ci_low"], row[f"{m}_ci_high"] = seed_interval(values, bounds=SEED_INTERVALS[m])
+                    row[f"{m}_per_seed"] = values
             for key in {k for r in recs for k in r if k.startswith("by_") and k != "by_instruction"}:
                 row[key] = _breakdown([r[key] for r in recs if key in r])
             rows.append(row)
@@ -160,7 +163,7 @@ def _fmt(x, digits=3) -> str:
 
 def markdown_table(rows: list[dict], measures=("accuracy",)) -> str:
     extra = [m for m in EXTRA_MEASURES if m in measures or (m == "loss" and any("loss" in r for r in rows))]
-    names = {"loss": "answer loss [95% CI]"}
+    names = {"loss": "answer loss [95% CI]", "recall": "recall [95% CI]"}
     head = ["arm", "set", "mode", "seeds", "n", "accuracy", "95% CI", "CI over", "per seed"]
     head += [names.get(m, m) for m in extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -131,14 +131,19 @@ def test_seed_interval_is_the_student_t_interval():
 def test_aggregate_over_seeds_and_single_seed_intervals():
     arms = (Arm("a", "r", "stage2"),)
     runs = {
-        ("r", 0): [_rec("stage2", 0.5) | {"loss": 1.0}, _rec("stage1", 0.9)],
-        ("r", 1): [_rec("stage2", 0.7) | {"loss": 2.0}],
+        ("r", 0): [_rec("stage2", 0.5) | {"loss": 1.0, "recall": 0.9}, _rec("stage1", 0.9)],
+        ("r", 1): [_rec("stage2", 0.7) | {"loss": 2.0, "recall": 1.0}],
     }
     (row,) = aggregate(arms, runs, 2)
     assert row["accuracy"] == pytest.approx(0.6) and row["per_seed"] == [0.5, 0.7] and row["ci"] == "seeds"
     half = stats.t.ppf(0.975, 1) * np.std([1.0, 2.0], ddof=1) / math.sqrt(2)  # losses are not clipped at 1
     assert (row["loss"], row["loss_ci_high"]) == (pytest.approx(1.5), pytest.approx(1.5 + half))
     assert row["loss_ci_low"] == 0.0
+    # recall, a fraction like accuracy, gets the same t-interval clipped to [0, 1]
+    assert row["recall_per_seed"] == [0.9, 1.0] and row["recall_ci_high"] == 1.0
+    assert row["recall_ci_low"] == pytest.approx(
+        0.95 - stats.t.ppf(0.975, 1) * np.std([0.9, 1.0], ddof=1) / 2**0.5
+    )
     (one,) = aggregate(arms, {("r", 0): runs[("r", 0)]}, 1)
     assert (one["ci_low"], one["ci_high"], one["ci"]) == (0.4, 0.6, "instructions")
 
