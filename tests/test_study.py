@@ -60,7 +60,10 @@ def test_study_end_to_end_tiny(name, tmp_path):
     data = check_outputs(name, out, 1)
     if name == "minimal":  # arithmetic CoT: whether the traces state the programs, apart from their values
         assert all(0.0 <= row["recall"] <= 1.0 for row in data["arms"])
-        assert "| recall |" in (out / "table.md").read_text() and (out / "plots" / "arms_recall.png").exists()
+        assert (
+            "| recall [95% CI] |" in (out / "table.md").read_text()
+            and (out / "plots" / "arms_recall.png").exists()
+        )
     assert not list(work.glob("*/seed0/checkpoints/*")), "a finished run's checkpoints are removed"
 
 
