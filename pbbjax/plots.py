@@ -106,6 +106,8 @@ def plot_breakdown(records: list[dict], key: str, path, title: str = "") -> Path
         ys = [table[x]["accuracy"] for x in xs]
         err = list(zip(*(_err(table[x]) for x in xs), strict=True))
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=2, label=f"{r['after']}: {r['set']} ({r['mode']})")
+    if len(ax.get_xticks()) > 12:  # e.g. the 25 cipher shifts: labels side by side would run together
+        ax.tick_params(axis="x", labelsize=7, labelrotation=90)
     return _finish(fig, ax, path, title or f"accuracy by {key}", key, legend_size=7)
 
 
