@@ -305,20 +305,19 @@ def trace_lines(program: Program, steps: list[Step], i: int) -> list[str]:
         if isinstance(stmt, If):
             taken = bool(step.cond[i])
             comparison = f"{stmt.cmp} {stmt.threshold}"
-            test = f"if {stmt.var} {comparison}: {values[stmt.var]} {comparison}"
+            test = f"{_head(stmt)} {values[stmt.var]} {comparison}"
             branch = stmt.then if taken else stmt.orelse
             if branch is None:
                 lines.append(f"{test} is {taken}, so {stmt.var} stays {result}")
                 continue
             lines.append(f"{test} is {taken}, so {branch.target} = {_worked(branch.expr, values, result)}")
         else:
-            head = "return" if isinstance(stmt, Return) else f"{stmt.target} ="
-            lines.append(f"{head} {_worked(stmt.expr, values, result)}")
+            lines.append(f"{_head(stmt)}{render_expr(stmt.expr, values)} = {result}")
     return lines
 
 
 def _head(stmt: Assign | If | Return) -> str:
-    """A statement as its trace line starts, before any value (see ``trace_lines``)."""
+    """A statement as its trace line starts, before any value: what ``recall`` looks for."""
     if isinstance(stmt, If):
         return f"if {stmt.var} {stmt.cmp} {stmt.threshold}:"
     head = "return" if isinstance(stmt, Return) else f"{stmt.target} ="
