@@ -91,6 +91,13 @@ class Runner:
             scan_layers=config.model.scan_layers,
             remat=config.model.remat,
         )
+        if config.model.remat != "none" and not config.model.scan_layers and jax.default_backend() == "cpu":
+            log.warning(
+                "model.remat=%s without model.scan_layers saves almost no memory on XLA:CPU (every layer's "
+                "recomputation is scheduled at once); set model.scan_layers=True as well, or use "
+                "train.microbatches (scripts/train_memory.py measures each choice)",
+                config.model.remat,
+            )
         self.graphdef, _ = nnx.split(self.model)
         from pbbjax.export import write_source_model  # what `python -m pbbjax.export` needs of the model
 
