@@ -356,7 +356,8 @@ STUDIES: dict[str, Study] = {
             ("auto",),
             {  # leetcode rows (the program's source and docstring) run to about 700 tokens
                 "tiny": {**_TINY, "pipeline.seq_len": 1024},
-                # batch 1: 4 x 1024 tokens ran out of this machine's 24 GiB (also with remat=full)
+                # batch 1: 4 x 1024 tokens ran out of this machine's 24 GiB (remat=full would need
+                # scan_layers too on XLA:CPU: scripts/train_memory.py)
                 "cpu": {
                     **_ARITH_CPU,
                     "pipeline.seq_len": 1024,
