@@ -18,8 +18,8 @@ Train step (``training/sft.py``), in order of the table:
   ``none`` keeps every intermediate of every layer; ``dots`` keeps each layer's matmul outputs (the
   attention scores included, in fp32); ``full`` keeps each layer's input only, plus one layer's
   intermediates while that layer is recomputed. That holds for scanned layers (``scan_layers``), where
-  one layer is rebuilt at a time; XLA:CPU schedules the recomputation of unrolled layers all at once, so
-  there ``full`` keeps about as much as ``none`` (``scripts/train_memory.py`` compares the compiled step
+  one layer is rebuilt at a time; with unrolled layers, XLA:CPU's compiled step keeps about as much
+  under ``full`` as under ``none`` (``scripts/train_memory.py`` compares the compiled step
   with this estimate).
 - ``logits``: one fp32 ``[tokens, vocab]`` buffer per microbatch (XLA fuses the log-softmax and its
   gradient into consumers of the logits rather than keeping copies).

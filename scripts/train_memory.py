@@ -8,9 +8,8 @@ compiled, and XLA's memory analysis is printed next to ``pbbjax.memory``'s estim
 
 ``--model`` defaults to the embedded SmolLM2-135M. "XLA temp" is the step's scratch memory, "XLA total"
 adds the arguments and outputs (the donated train state counted once). On XLA:CPU, remat without a layer
-scan saves almost nothing: the compiler schedules every layer's recomputation at the start of the
-backward pass, so all of them are live at once (docs/results.md, leetcode). The estimate assumes the
-scanned schedule, where one layer is rebuilt at a time.
+scan saves almost nothing (docs/results.md, leetcode, has the figures for SmolLM2-135M). The estimate
+assumes the scanned schedule, where one layer is rebuilt at a time.
 """
 
 from __future__ import annotations

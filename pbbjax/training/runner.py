@@ -93,8 +93,8 @@ class Runner:
         )
         if config.model.remat != "none" and not config.model.scan_layers and jax.default_backend() == "cpu":
             log.warning(
-                "model.remat=%s without model.scan_layers saves almost no memory on XLA:CPU (every layer's "
-                "recomputation is scheduled at once); set model.scan_layers=True as well, or use "
+                "model.remat=%s without model.scan_layers saves almost no memory on XLA:CPU (measured: "
+                "docs/results.md, leetcode); set model.scan_layers=True as well, or use "
                 "train.microbatches (scripts/train_memory.py measures each choice)",
                 config.model.remat,
             )
