@@ -6,8 +6,9 @@ compiled, and XLA's memory analysis is printed next to ``pbbjax.memory``'s estim
 
     python scripts/train_memory.py [--model DIR] [--batch 4] [--seq 1024] [--json OUT]
 
-``--model`` defaults to the embedded SmolLM2-135M. "XLA temp" is the step's scratch memory, "XLA total"
-adds the arguments and outputs (the donated train state counted once). On XLA:CPU, remat without a layer
+``--model`` defaults to the embedded SmolLM2-135M. Rows are GiB, as ``pbbjax.aot`` reports them: "XLA
+temp" is the step's scratch memory, "XLA total" adds the arguments, outputs (the donated train state
+counted once) and generated code. On XLA:CPU, remat without a layer
 scan saves almost nothing (docs/results.md, leetcode, has the figures for SmolLM2-135M). The estimate
 assumes the scanned schedule, where one layer is rebuilt at a time.
 """
@@ -27,40 +28,22 @@ VARIANTS = (  # (remat, scan_layers, one row per microbatch)
 
 
 def measure(model_dir, batch: int, seq: int, remat: str, scan: bool, microbatches: int) -> dict:
+    """One variant through ``pbbjax.aot``'s own path (abstract train state, SFT step, memory analysis), on
+    this process's first device."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    from pbbjax.memory import Layout, total, train_estimate
-    from pbbjax.models.config import ModelConfig
-    from pbbjax.models.decoder import Transformer
-    from pbbjax.training import sft
+    from pbbjax import aot
+    from pbbjax.config import base_config
 
-    cfg = ModelConfig.from_dir(
-        model_dir, param_dtype="float32", compute_dtype="float32", scan_layers=scan, remat=remat
-    )
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    optim = sft.OptimConfig(microbatches=microbatches)
-    optimizer = sft.make_optimizer(optim, 100)
-    state = {
-        "params": params,
-        "opt_state": jax.eval_shape(optimizer.init, params),
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-    }
-    step = sft.make_train_step(graphdef, optimizer, optim, 100, None, None)
-    row = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-    batch_spec = dict.fromkeys(("tokens", "positions", "segment_ids", "loss_mask"), row)
-    m = step.lower(state, batch_spec).compile().memory_analysis()
-    compiled = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
-    compiled -= m.alias_size_in_bytes
-    estimate = total(train_estimate(cfg, Layout(), batch=batch, seq_len=seq, microbatches=microbatches))
-    return {
-        "remat": remat,
-        "scan_layers": scan,
-        "microbatches": microbatches,
-        "xla_temp_bytes": int(m.temp_size_in_bytes),
-        "xla_total_bytes": int(compiled),
-        "estimate_bytes": int(estimate),
+    config = base_config("proactive")
+    config.model.update(path=str(model_dir), dtype="float32", scan_layers=scan, remat=remat)
+    config.pipeline.update(batch_size=batch, seq_len=seq)
+    config.train.microbatches = microbatches
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    step = aot.sft_steps(aot.build_context(config, jax.devices()[:1]))[0]
+    row = aot.compile_step(step, hbm=2**62)  # no memory limit: report what it needs
+    return {"remat": remat, "scan_layers": scan, "microbatches": microbatches} | {
+        k: row[k] for k in ("temporaries", "total", "estimate")
     }
 
 
@@ -75,7 +58,6 @@ def main() -> None:
     import jax
 
     from pbbjax.default_model import default_model_path
-    from pbbjax.memory import GIB
 
     model_dir = args.model or default_model_path()
     print(f"train step, {args.batch} x {args.seq} tokens, fp32, {jax.default_backend()} backend: {model_dir}")
@@ -85,8 +67,8 @@ def main() -> None:
         r = measure(model_dir, args.batch, args.seq, remat, scan, args.batch if per_row else 1)
         rows.append(r)
         print(
-            f"{remat:<6}{scan!s:<7}{r['microbatches']:>6}{r['xla_temp_bytes'] / GIB:>11.2f}"
-            f"{r['xla_total_bytes'] / GIB:>11.2f}{r['estimate_bytes'] / GIB:>10.2f}",
+            f"{remat:<6}{scan!s:<7}{r['microbatches']:>6}{r['temporaries']:>11.2f}{r['total']:>11.2f}"
+            f"{r['estimate']:>10.2f}",
             flush=True,
         )
     if args.json:
