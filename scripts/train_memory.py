@@ -8,9 +8,9 @@ compiled, and XLA's memory analysis is printed next to ``pbbjax.memory``'s estim
 
 ``--model`` defaults to the embedded SmolLM2-135M. Rows are GiB, as ``pbbjax.aot`` reports them: "XLA
 temp" is the step's scratch memory, "XLA total" adds the arguments, outputs (the donated train state
-counted once) and generated code. On XLA:CPU, remat without a layer
-scan saves almost nothing (docs/results.md, leetcode, has the figures for SmolLM2-135M). The estimate
-assumes the scanned schedule, where one layer is rebuilt at a time.
+counted once) and generated code. On XLA:CPU, remat without a layer scan saves almost nothing
+(docs/results.md, leetcode, has the figures for SmolLM2-135M). The estimate assumes the scanned schedule,
+where one layer is rebuilt at a time.
 """
 
 from __future__ import annotations

@@ -173,12 +173,13 @@ def test_evaluate_cli_on_an_export_and_on_an_orbax_checkpoint(uninterrupted, tmp
         assert (tmp_path / stage / "plots" / "accuracy_by_stage.png").exists()
 
 
-def test_remat_without_layer_scan_on_cpu_warns(tmp_path, caplog):
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_without_layer_scan_on_cpu_warns(scan, tmp_path, caplog):
     from pbbjax.train import tiny_model_dir
 
     config = load_config("configs/proactive.py:tiny")
     config.workdir = str(tmp_path)
-    config.model.remat, config.model.scan_layers = "full", False
+    config.model.remat, config.model.scan_layers = "full", scan
     with caplog.at_level("WARNING", logger="pbbjax.training.runner"):
         Runner(config, tiny_model_dir(config.model.tiny.to_dict(), tmp_path, config.seed))
-    assert "model.remat=full without model.scan_layers" in caplog.text
+    assert ("model.remat=full without model.scan_layers" in caplog.text) is not scan

@@ -1,4 +1,5 @@
-"""scripts/train_memory.py: compiled train-step memory by remat, layer scan and microbatches."""
+"""scripts/train_memory.py: compiled train-step memory by remat, layer scan and microbatches, against
+XLA's own memory analysis (the independent reference) and ``pbbjax.memory``'s estimate."""
 
 import importlib.util
 from pathlib import Path
@@ -13,13 +14,21 @@ def _script():
     return module
 
 
-def test_scanned_full_remat_keeps_less_than_no_remat(hf_dirs):
+def test_remat_saves_memory_only_with_a_layer_scan_on_cpu(hf_dirs):
     measure = _script().measure
     _, model_dir = hf_dirs["smollm2_shaped"]
     none = measure(model_dir, batch=2, seq=256, remat="none", scan=False, microbatches=1)
-    full = measure(model_dir, batch=2, seq=256, remat="full", scan=True, microbatches=1)
+    unrolled = measure(model_dir, batch=2, seq=256, remat="full", scan=False, microbatches=1)
+    scanned = measure(model_dir, batch=2, seq=256, remat="full", scan=True, microbatches=1)
     rowwise = measure(model_dir, batch=2, seq=256, remat="none", scan=False, microbatches=2)
-    for row in (none, full, rowwise):
-        assert row["total"] >= row["temporaries"] > 0 and row["estimate"] > 0
-    assert full["temporaries"] < none["temporaries"]
-    assert rowwise["microbatches"] == 2 and rowwise["temporaries"] < none["temporaries"]
+    for row in (none, unrolled, scanned, rowwise):
+        assert row["total"] >= row["temporaries"] > 0
+    assert rowwise["microbatches"] == 2
+    assert scanned["temporaries"] < 0.6 * none["temporaries"]
+    assert rowwise["temporaries"] < 0.6 * none["temporaries"]
+    # what the runner's warning and docs/results.md claim of XLA:CPU; if a JAX upgrade makes unrolled remat
+    # effective, this fails and the warning should go
+    assert unrolled["temporaries"] > 0.9 * none["temporaries"]
+    # the estimate by arithmetic, where it claims to hold (not unrolled remat), within 1.5x of XLA's total
+    for row in (none, scanned, rowwise):
+        assert 1 / 1.5 < row["estimate"] / row["total"] < 1.5, row
