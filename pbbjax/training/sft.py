@@ -64,15 +64,19 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay], [warmup])
 
 
+def decay_mask(params) -> object:
+    """True for the parameters weight decay applies to: the matrices, told by their logical axes (every
+    projection and embedding has an ``embed`` axis; norms and biases have none). By name, not rank: the
+    stacked ``[layers, D]`` norms and ``[layers, heads, head_dim]`` biases have the rank of a matrix."""
+    return jax.tree.map(lambda v: "embed" in v.axes, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with ``cfg``'s schedule over ``total_steps``, decoupled decay on ``decay_mask``, clipping.
+    Its parameters must be an ``nnx.State`` (the decay mask reads their logical axes)."""
     schedule = learning_rate_schedule(cfg, total_steps)
     adamw = optax.adamw(
-        schedule,
-        b1=cfg.b1,
-        b2=cfg.b2,
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
     )
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw) if cfg.max_grad_norm else adamw
 
@@ -80,17 +84,23 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
 def masked_loss_sums(logits, tokens, loss_mask, segment_ids, mode: str) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted token losses, count) for next-token prediction on completion tokens.
 
-    Position t predicts token t+1; ``loss_mask[t+1]`` says whether token t+1 is a completion token.
+    Position t predicts token t+1; ``loss_mask[t+1]`` says whether token t+1 is a completion token. The
+    count is an integer (completion tokens, or sequences with any) held exactly in float32, so that counts
+    of microbatches add up to the whole batch's on any CPU.
     """
     logits, targets = logits[:, :-1], tokens[:, 1:]
     weight = loss_mask[:, 1:].astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    if mode == "sequence":  # each sequence's completion tokens share a total weight of 1
-        seg = segment_ids[:, 1:]
-        same = (seg[:, :, None] == seg[:, None, :]).astype(jnp.float32)
-        per_seq_tokens = jnp.einsum("bts,bs->bt", same, weight)
-        weight = weight / jnp.maximum(per_seq_tokens, 1.0)
-    return jnp.sum(ce * weight), jnp.sum(weight)
+    if mode == "token":
+        return jnp.sum(ce * weight), jnp.sum(weight)
+    # "sequence": each sequence's completion tokens share a total weight of 1; the count is the number of
+    # sequences with completion tokens (each counted at its last one), not the float sum of the weights
+    seg = segment_ids[:, 1:]
+    same = (seg[:, :, None] == seg[:, None, :]).astype(jnp.float32)
+    per_seq_tokens = jnp.einsum("bts,bs->bt", same, weight)
+    later = jnp.einsum("bts,bs->bt", same * jnp.triu(jnp.ones_like(same[0]), 1), weight)
+    sequences = jnp.sum(jnp.where((weight > 0) & (later == 0), 1.0, 0.0))
+    return jnp.sum(ce * weight / jnp.maximum(per_seq_tokens, 1.0)), sequences
 
 
 def batch_sharding(mesh: Mesh | None) -> jax.sharding.Sharding:
@@ -99,21 +109,40 @@ def batch_sharding(mesh: Mesh | None) -> jax.sharding.Sharding:
     return NamedSharding(mesh, logical_to_spec(("batch", "length"), None, mesh))
 
 
-def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh | None = None) -> dict:
-    """The train state of ``model``: optimizer moments take the parameters' shardings (by propagation),
-    scalars such as step counts are replicated over the mesh."""
-    _, params = nnx.split(model)
-    state = {"params": params, "opt_state": jax.jit(optimizer.init)(params), "step": jnp.zeros((), jnp.int32)}
-    if mesh is None:
-        return state
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(
-        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), state
-    )
-
-
 def state_shardings(state: dict):
     return jax.tree.map(lambda x: x.sharding, state)
+
+
+def abstract_state(params, optimizer: optax.GradientTransformation, mesh: Mesh | None = None) -> dict:
+    """The train state's shapes, dtypes and shardings (``jax.ShapeDtypeStruct`` leaves), computed without
+    allocating it: each optimizer moment takes its parameter's sharding, other leaves (step counts) are
+    replicated. ``params``: the model's ``nnx.State`` (arrays, or ShapeDtypeStructs with shardings). The one
+    layout of the state: ``init_state`` builds it, the runner restores into it, ``pbbjax.aot`` compiles it."""
+    p = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+    other = NamedSharding(mesh, PartitionSpec()) if mesh is not None else jax.tree.leaves(p)[0].sharding
+
+    def like(v, sharding):
+        return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+
+    opt_state = optax.tree_map_params(
+        optimizer,
+        lambda v, param: like(v, param.sharding),
+        jax.eval_shape(optimizer.init, p),
+        p,
+        transform_non_params=lambda v: like(v, other),
+    )
+    return {"params": p, "opt_state": opt_state, "step": like(jax.ShapeDtypeStruct((), jnp.int32), other)}
+
+
+def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh | None = None) -> dict:
+    """The train state of ``model`` (its parameters, not copied), laid out as ``abstract_state``: without
+    explicit output shardings, ``jit(optimizer.init)`` would replicate every moment on every device, since
+    zeros depend on nothing XLA could propagate a sharding from."""
+    _, params = nnx.split(model)
+    layout = state_shardings(abstract_state(params, optimizer, mesh))
+    opt_state = jax.jit(optimizer.init, out_shardings=layout["opt_state"])(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), layout["step"])
+    return {"params": params, "opt_state": opt_state, "step": step}
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, mode: str):
