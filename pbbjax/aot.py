@@ -30,14 +30,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pbbjax import memory, presets
 from pbbjax.models.config import ModelConfig
-from pbbjax.models.decoder import Transformer
-from pbbjax.models.hf_io import param_shardings
+from pbbjax.models.hf_io import abstract_model
 from pbbjax.models.sharding import logical_to_spec, make_mesh
 from pbbjax.pipeline import FEATURES
 from pbbjax.training import sft
@@ -57,10 +55,17 @@ class Context:
     mesh: Mesh
     layout: memory.Layout
     graphdef: nnx.GraphDef
-    params: nnx.State  # ShapeDtypeStructs with shardings
     optim: sft.OptimConfig
     optimizer: Any  # optax.GradientTransformation
-    opt_state: Any  # ShapeDtypeStructs with shardings
+    state: dict  # sft.abstract_state: the train state a real run builds, ShapeDtypeStructs with shardings
+
+    @property
+    def params(self) -> nnx.State:
+        return self.state["params"]
+
+    @property
+    def opt_state(self):
+        return self.state["opt_state"]
 
     def sharded(self, shape, dtype, spec: PartitionSpec | None = None) -> jax.ShapeDtypeStruct:
         """An abstract array on the mesh, replicated unless ``spec`` says otherwise."""
@@ -82,8 +87,7 @@ class Step:
 
 def sft_steps(ctx: Context) -> list[Step]:
     """The SFT train step of ``training/sft.py`` on one global batch."""
-    state = {"params": ctx.params, "opt_state": ctx.opt_state, "step": ctx.sharded((), jnp.int32)}
-    shardings = jax.tree.map(lambda x: x.sharding, state)
+    shardings = sft.state_shardings(ctx.state)
     fn = sft.make_train_step(ctx.graphdef, ctx.optimizer, ctx.optim, 1000, shardings, ctx.mesh)
     batch_size, seq_len = ctx.config.pipeline.batch_size, ctx.config.pipeline.seq_len
     sharding = sft.batch_sharding(ctx.mesh)
@@ -92,7 +96,7 @@ def sft_steps(ctx: Context) -> list[Step]:
         ctx.cfg, ctx.layout, batch=batch_size, seq_len=seq_len, microbatches=ctx.optim.microbatches
     )
     flops = train_flops_per_token(ctx.cfg, seq_len) * batch_size * seq_len / ctx.layout.chips
-    return [Step("train (sft)", fn, (state, batch), estimate, flops)]
+    return [Step("train (sft)", fn, (ctx.state, batch), estimate, flops)]
 
 
 def sampler_steps(ctx: Context) -> list[Step]:
@@ -149,8 +153,7 @@ def grpo_steps(ctx: Context) -> list[Step]:
 
     rl = rl_config(ctx.config)
     optimizer, schedule = grpo_optimizer(ctx.optim, rl, rl.steps)  # the same AdamW tree as ctx.opt_state
-    state = {"params": ctx.params, "opt_state": ctx.opt_state, "step": ctx.sharded((), jnp.int32)}
-    shardings = jax.tree.map(lambda x: x.sharding, state)
+    shardings = sft.state_shardings(ctx.state)
     fn = make_grpo_step(ctx.graphdef, optimizer, rl, schedule, shardings, ctx.mesh)
     b = rl.prompts_per_step * rl.num_generations
     t = max(16, 1 << (rl.max_prompt_len - 1).bit_length()) + rl.max_new_tokens
@@ -171,7 +174,7 @@ def grpo_steps(ctx: Context) -> list[Step]:
     rollouts = sample_step(
         ctx, "sample (rollouts)", b, sampling._bucket(rl.max_prompt_len), rl.max_new_tokens, filtered
     )
-    return [Step("train (grpo)", fn, (state, batch), estimate, flops), rollouts]
+    return [Step("train (grpo)", fn, (ctx.state, batch), estimate, flops), rollouts]
 
 
 STEP_BUILDERS: list[Callable[[Context], list[Step]]] = [sft_steps, sampler_steps, grpo_steps]
@@ -244,23 +247,10 @@ def build_context(config, devices) -> Context:
     cfg = model_config(config)
     optim = optim_config(config)
     sft.check_batch(config.pipeline.batch_size, optim, mesh)
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh))
-    shardings = param_shardings(abstract, mesh)
-    graphdef, params = nnx.split(abstract)
-    for path, var in nnx.to_flat_state(params):
-        var.set_value(
-            jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shardings[".".join(map(str, path))])
-        )
+    graphdef, params = abstract_model(cfg, mesh)
     optimizer = sft.make_optimizer(optim, 1000)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_state = optax.tree_map_params(  # moments take their parameter's sharding, as in sft.init_state
-        optimizer,
-        lambda v, p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=p.sharding),
-        jax.eval_shape(optimizer.init, params),
-        params,
-        transform_non_params=lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated),
-    )
-    return Context(config, cfg, mesh, layout, graphdef, params, optim, optimizer, opt_state)
+    state = sft.abstract_state(params, optimizer, mesh)  # the layout a real run builds
+    return Context(config, cfg, mesh, layout, graphdef, optim, optimizer, state)
 
 
 def shard_bytes(tree) -> int:

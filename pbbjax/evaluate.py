@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from absl import app, flags
@@ -33,8 +34,7 @@ def model_from_checkpoint(source: Path, step_dir: Path, config, mesh):
     from flax import nnx
 
     from pbbjax.models.config import ModelConfig
-    from pbbjax.models.decoder import Transformer
-    from pbbjax.models.hf_io import param_shardings
+    from pbbjax.models.hf_io import abstract_model
 
     cfg = ModelConfig.from_dir(
         source,
@@ -44,19 +44,12 @@ def model_from_checkpoint(source: Path, step_dir: Path, config, mesh):
         if (p := source / "generation_config.json").is_file()
         else {},
     )
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh))
-    shardings = param_shardings(abstract, mesh)
-    graphdef, state = nnx.split(abstract)
-    for path, var in nnx.to_flat_state(state):
-        spec = var.get_value()
-        var.set_value(
-            jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=shardings[".".join(map(str, path))])
-        )
+    graphdef, state = abstract_model(cfg, mesh)
     item = {"params": state}
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
     args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
     with ocp.PyTreeCheckpointer() as ckptr:
-        params = ckptr.restore(epath.Path(step_dir) / "state", args=args)["params"]
+        params = ckptr.restore(epath.Path(os.path.abspath(step_dir)) / "state", args=args)["params"]
     return nnx.merge(graphdef, params)
 
 
@@ -94,6 +87,10 @@ def main(argv):
     if config is None or not _CHECKPOINT.value:
         raise app.UsageError("--config and --checkpoint are required")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    from pbbjax.distributed import initialize
+
+    initialize(config.distributed, config.cluster.to_dict())
+    import jax
     from flax import nnx
 
     from pbbjax.config import curriculum_config, domain_of, pipeline_config
@@ -114,8 +111,6 @@ def main(argv):
     sharding = sft.batch_sharding(model.mesh)
 
     def put(batch):
-        import jax
-
         return jax.make_array_from_process_local_data(sharding, batch)
 
     records = evaluate(
@@ -131,6 +126,8 @@ def main(argv):
         cot=config.data.cot,
     )
     records = [{"after": label, "step": 0, "final": True, **r} for r in records]
+    if jax.process_index() != 0:  # every host evaluated (collectives); process 0 writes and reports
+        return
     out.mkdir(parents=True, exist_ok=True)
     results = {
         "curriculum": config.curriculum,

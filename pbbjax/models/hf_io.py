@@ -62,6 +62,19 @@ def param_shardings(abstract_model: nnx.Module, mesh: Mesh | None) -> dict[str, 
     return out
 
 
+def abstract_model(cfg: ModelConfig, mesh: Mesh | None) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, parameters as ``jax.ShapeDtypeStruct``s carrying their shardings on ``mesh``): the model
+    without weights. What ``load_model`` fills, checkpoints restore into and ``pbbjax.aot`` compiles."""
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh))
+    shardings = param_shardings(abstract, mesh)
+    graphdef, state = nnx.split(abstract)
+    for path, var in nnx.to_flat_state(state):
+        var.set_value(
+            jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shardings[".".join(map(str, path))])
+        )
+    return graphdef, state
+
+
 def load_model(
     path_or_hub_id: str | os.PathLike,
     dtype: str = "float32",
@@ -87,12 +100,12 @@ def load_model(
         remat=remat,
         generation_config=_read_json(path / "generation_config.json") or {},
     )
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh))
-    shardings = param_shardings(abstract, mesh)
+    graphdef, state = abstract_model(cfg, mesh)
+    abstract = nnx.merge(graphdef, state)
+    shardings = {".".join(map(str, p)): v.get_value().sharding for p, v in nnx.to_flat_state(state)}
     with SafetensorsDir(path) as src:
         check_tensors(src, abstract)
         arrays = load_params(src, abstract, shardings)
-    graphdef, state = nnx.split(abstract)
     for p, var in nnx.to_flat_state(state):
         key = ".".join(map(str, p))
         if key in arrays:
@@ -133,14 +146,16 @@ def save_model(
     tokenizer=None,
     *,
     max_shard_bytes: int = 2 * 1024**3,
+    write: bool | None = None,
 ) -> Path:
     """Write an HF directory (config, safetensors shards + index, tokenizer, generation config).
 
-    All processes take part in gathering; only process 0 writes. The directory appears whole: files go
-    to a temporary sibling first, which then replaces ``out_dir``.
+    All processes take part in gathering; only process 0 writes (``write`` overrides that, for a model
+    of host-local arrays that another host must write to its own disk). The directory appears whole:
+    files go to a temporary sibling first, which then replaces ``out_dir``.
     """
     out_dir = Path(out_dir)
-    write = jax.process_index() == 0
+    write = jax.process_index() == 0 if write is None else write
     tmp = None
     if write:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
