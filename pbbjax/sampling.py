@@ -43,7 +43,9 @@ sequences) directly.
 
 ``generate_arrays`` returns a ``Generation`` of numpy arrays: ``tokens`` [rows, max_new_tokens] (``pad_id``
 after each row's end), ``logprobs`` (0 there), ``lengths`` (tokens kept: an EOS is dropped, a stop sequence
-kept), ``ended`` (False where a row ran out of tokens) and ``steps`` (decode steps run).
+kept), ``ended`` (False where a row ran out of tokens), ``eos`` (the EOS id that ended each row, -1 where
+none did) and ``steps`` (decode steps run). On a mesh they come out of the program replicated, so every
+host of a pod reads every row.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from pbbjax.models.config import resolve_dtype
 from pbbjax.models.decoder import ACT
@@ -78,6 +80,7 @@ class Generation(NamedTuple):
     logprobs: np.ndarray  # float32 [rows, max_new_tokens]; 0 after each row's length
     lengths: np.ndarray  # int32 [rows]: tokens kept (EOS excluded, a stop sequence included)
     ended: np.ndarray  # bool [rows]: ended by EOS or a stop sequence; False: ran out of max_new_tokens
+    eos: np.ndarray  # int32 [rows]: the EOS id that ended the row (dropped from tokens), -1 if none did
     steps: int  # decode steps run, <= max_new_tokens; fewer when every row ended early
 
 
@@ -219,7 +222,7 @@ def generate_arrays(
         batch_arrays = tuple(jax.device_put(x, NamedSharding(mesh, spec)) for x in batch_arrays)
     if unstack_layers is None:
         unstack_layers = jax.default_backend() == "cpu"
-    out, logps, lengths, ended, steps = _generate(
+    out, logps, lengths, ended, eos, steps = _generate(
         graphdef,
         params,
         *batch_arrays,
@@ -235,9 +238,7 @@ def generate_arrays(
         unstack=bool(unstack_layers),
     )
     r = len(rows)
-    return Generation(
-        np.asarray(out)[:r], np.asarray(logps)[:r], np.asarray(lengths)[:r], np.asarray(ended)[:r], int(steps)
-    )
+    return Generation(*(np.asarray(x)[:r] for x in (out, logps, lengths, ended, eos)), int(steps))
 
 
 def _layer_step(layer, x, cos, sin, mask, k_cache, v_cache, index):
@@ -330,7 +331,7 @@ def _generate(
 
     def record(state, logits):
         """Choose token ``i`` of every row and book-keep ends; rows already ended write padding."""
-        i, out, logps, lengths, ended, done, window = state
+        i, out, logps, lengths, ended, done, window, eos = state
         nxt, logp = choose(logits, i)
         window = jnp.concatenate([window[:, 1:], nxt[:, None]], axis=1)
         hit = jnp.all((stop_seqs[None] == window[:, None]) | (stop_seqs[None] == _ANY), -1).any(-1)
@@ -341,7 +342,8 @@ def _generate(
         logps = logps.at[:, i].set(jnp.where(keep, logp, 0.0))
         lengths = jnp.where(end != _CONTINUE, i + (end == _STOP), lengths)
         ended = ended | (end != _CONTINUE)
-        return (i + 1, out, logps, lengths, ended, done | (end != _CONTINUE), window), nxt
+        eos = jnp.where(end == _EOS, nxt, eos)
+        return (i + 1, out, logps, lengths, ended, done | (end != _CONTINUE), window, eos), nxt
 
     def step(carry):
         state, logits, pos, caches, key_valid = carry
@@ -363,6 +365,7 @@ def _generate(
         jnp.zeros((b,), bool),
         ~live,
         jnp.full((b, stop_seqs.shape[1]), _WINDOW_EMPTY, jnp.int32),
+        jnp.full((b,), -1, jnp.int32),
     )
     state, logits, *_ = jax.lax.while_loop(
         cond, step, (state, logits, positions[:, -1] + 1, caches, key_valid)
@@ -370,8 +373,12 @@ def _generate(
     # The last token needs no forward after it: chosen outside the loop (a no-op if every row has ended).
     all_done = jnp.all(state[5])
     final, _ = record(state, logits)
-    i, out, logps, lengths, ended, _, _ = final
-    return out, logps, lengths, ended & live, jnp.where(all_done, state[0], i)
+    i, out, logps, lengths, ended, _, _, eos = final
+    outputs = out, logps, lengths, ended & live, eos, jnp.where(all_done, state[0], i)
+    if mesh is None:
+        return outputs
+    # Replicated, so that every host can read every row (on a pod, rows live on other hosts' devices).
+    return jax.lax.with_sharding_constraint(outputs, NamedSharding(mesh, PartitionSpec()))
 
 
 def generate_tokens(

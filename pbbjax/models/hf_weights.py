@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from pbbjax.models.config import ModelConfig
+from pbbjax.models.sharding import to_host
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -232,15 +233,7 @@ def iter_hf_tensors(model: nnx.Module) -> Iterator[tuple[str, np.ndarray]]:
         value = params[path][...]
         stacked = path.startswith("layers.")
         for i, name in enumerate(_layer_names(hf_name, cfg, stacked)):
-            yield name, to_hf(kind, _to_host(value[i] if stacked else value))
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+            yield name, to_hf(kind, to_host(value[i] if stacked else value))
 
 
 def save_tensors(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path, max_shard_bytes: int, write: bool):

@@ -121,3 +121,13 @@ def constrain(x: jax.Array, mesh: Mesh | None, axes: Sequence[str | None]) -> ja
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, axes, x.shape))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly sharded) array as numpy, on every process. On a pod, an array whose
+    shards live on other hosts' devices is gathered (a collective: every process must call this)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

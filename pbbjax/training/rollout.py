@@ -23,7 +23,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from pbbjax.curriculum import derive_seed
 from pbbjax.formatting import Row
-from pbbjax.sampling import generate_tokens
+from pbbjax.models.sharding import to_host
+from pbbjax.sampling import generate_arrays
 from pbbjax.tasks.base import ANSWER_MARKER, Domain, Instruction, extract_answer
 from pbbjax.training import sft
 from pbbjax.training.grpo import GRPOConfig, group_advantages, make_grpo_step, make_logprob_fn, rollout_batch
@@ -115,7 +116,7 @@ class GRPOStepper:
     def rollout(self, params, step: int):
         cfg = self.cfg
         tasks = prompt_indices(len(self.prompts), cfg.prompts_per_step, step, self.seed)
-        completions, sampler_logps = generate_tokens(
+        g = generate_arrays(
             nnx.merge(self.graphdef, params),
             [self.prompts[t] for t in tasks],
             cfg.max_new_tokens,
@@ -127,11 +128,14 @@ class GRPOStepper:
             n=cfg.num_generations,
             seed=derive_seed(self.seed, "rollout", step) % 2**31,
             max_prompt_len=cfg.max_prompt_len,
-            return_logprobs=True,
         )
-        # generate_tokens drops the EOS; the policy must learn to stop, so the EOS is trained on.
-        ended = [c + [self.eos_ids[0]] if len(c) < cfg.max_new_tokens else c for c in completions]
-        return [t for t in tasks for _ in range(cfg.num_generations)], ended, sampler_logps
+        # The sampler drops the EOS; the policy must learn to stop, so the EOS it sampled is trained on.
+        completions = [
+            row[:k].tolist() + ([int(e)] if e >= 0 else [])
+            for row, k, e in zip(g.tokens, g.lengths, g.eos, strict=True)
+        ]
+        sampler_logps = [row[:k].tolist() for row, k in zip(g.logprobs, g.lengths, strict=True)]
+        return [t for t in tasks for _ in range(cfg.num_generations)], completions, sampler_logps
 
     def __call__(self, state, step: int):
         cfg = self.cfg
@@ -141,6 +145,7 @@ class GRPOStepper:
         rewards, reward_metrics = self.reward_fn(tasks, completions)
         batch = rollout_batch([self.prompts[t] for t in tasks], completions, self.pad_id, cfg.max_new_tokens)
         batch["advantages"] = np.asarray(group_advantages(rewards, cfg.num_generations, cfg.scale_rewards))
+        completion_mask = batch["completion_mask"]
         batch = {
             k: jax.device_put(v, self.sharding if v.ndim > 1 else self.row_sharding) for k, v in batch.items()
         }
@@ -157,7 +162,7 @@ class GRPOStepper:
             "reward_std": float(np.std(rewards)),
             **{k: float(v) for k, v in reward_metrics.items()},
             "completion_length": float(lengths.mean()),
-            "logp_gap": self._gap(np.asarray(old), batch["completion_mask"], sampler_logps),
+            "logp_gap": self._gap(to_host(old), completion_mask, sampler_logps),
             "rollout_s": t1 - t0,
             "update_s": time.perf_counter() - t1,
         }
@@ -167,7 +172,7 @@ class GRPOStepper:
     def _gap(trainer_logps, completion_mask, sampler_logps) -> float:
         """Mean |sampler - trainer| log-prob over the sampled tokens (the EOS, absent from the sampler's
         lists, is left out)."""
-        mask = np.asarray(completion_mask).astype(bool)
+        mask = completion_mask.astype(bool)
         gaps = []
         for row, m, s in zip(trainer_logps, mask, sampler_logps, strict=True):
             trainer = row[m][: len(s)]
