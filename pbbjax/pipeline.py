@@ -1,7 +1,14 @@
 """The grain pipeline from stage rows to training batches.
 
-rows --tokenize (chat template, loss mask)--> examples --seeded shuffle, epochs--> this host's slice
---pack to ``seq_len`` (first fit; segment and position ids) or pad--> batches of ``batch_size / hosts``.
+rows --tokenize (chat template, loss mask)--> examples --seeded shuffle, epochs--> pack to ``seq_len``
+(first fit; segment and position ids) or pad --> global batches of ``batch_size`` --> this host's rows.
+
+Every host builds the same global batches and keeps its own contiguous ``batch_size / hosts`` rows of each
+(the rows ``jax.make_array_from_process_local_data`` expects from it). So the global batch, the number of
+batches and the iterator's state do not depend on how many hosts there are: a run on a pod trains on the
+same batches as on one host, every host stops after the same number of batches (no host waits in a
+collective that another never joins), and one saved iterator state resumes every host. Packing the whole
+stage on every host is cheap next to training on it (stages are at most a few hundred thousand rows).
 
 A batch is a dict of int32 arrays ``[local_batch, seq_len]``: ``tokens``, ``loss_mask`` (1 where the token
 is a completion token the model must predict from the previous position), ``segment_ids`` (1, 2, ... per
@@ -29,9 +36,7 @@ class PipelineConfig:
     batch_size: int = 8  # global, in sequences (rows of seq_len tokens), over all hosts
     pack: bool = True  # pack several examples per row (else one example per row, padded)
     num_packing_bins: int = 32  # first-fit packing window: more bins, less padding
-    # None repeats forever: multi-host training needs it, because hosts pack different numbers of rows
-    # from their slices; the trainer then counts steps.
-    num_epochs: int | None = 1
+    num_epochs: int | None = 1  # None repeats forever (the trainer then counts steps)
     seed: int = 0
 
 
@@ -91,12 +96,14 @@ def make_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.IterDataset:
-    """This host's batches of the tokenized ``examples``: iterate it, or checkpoint its iterator."""
+    """This host's rows of the global batches of the tokenized ``examples``: iterate it, or checkpoint its
+    iterator (the same state on every host)."""
     if not examples:
         raise ValueError("the stage has no examples")
     local_batch = host_batch_size(cfg, process_count)
-    ds = grain.MapDataset.source(examples)[process_index::process_count]  # disjoint, together complete
-    ds = ds.shuffle(seed=cfg.seed).repeat(cfg.num_epochs)  # a new order every epoch
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process index {process_index} is not in [0, {process_count})")
+    ds = grain.MapDataset.source(examples).shuffle(seed=cfg.seed).repeat(cfg.num_epochs)  # reshuffles
     if cfg.pack:
         lengths = {"tokens": cfg.seq_len, "loss_mask": cfg.seq_len}
         packed = grain_exp.FirstFitPackIterDataset(
@@ -109,4 +116,9 @@ def make_dataset(
         rows = packed.map(_from_packed)
     else:
         rows = ds.map(lambda ex: _pad_example(ex, cfg.seq_len)).to_iter_dataset()
-    return rows.batch(local_batch, drop_remainder=False).map(lambda b: _fill_batch(b, local_batch))
+    start = process_index * local_batch
+    return (
+        rows.batch(cfg.batch_size, drop_remainder=False)
+        .map(lambda b: _fill_batch(b, cfg.batch_size))
+        .map(lambda b: {k: v[start : start + local_batch] for k, v in b.items()})
+    )

@@ -15,8 +15,9 @@ listed, so a save killed midway is invisible to ``latest_step``/``restore`` (and
 Orbax notices missing or truncated array files and unreadable metadata, but it restores a flipped byte
 inside a compressed chunk without complaint; so each save also records a cheap on-device checksum of
 every array, checked on restore. A checkpoint that fails either way is skipped with a warning in favour of
-the previous one. A checkpoint written for another model or run layout (a different ``fingerprint``)
-is never skipped: it raises ``CheckpointMismatchError``.
+the previous one; on a pod the hosts decide together, so every host restores the same step (a host that
+cannot read its shards makes all fall back). A checkpoint written for another model or run layout (a
+different ``fingerprint``) is never skipped: it raises ``CheckpointMismatchError``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from pbbjax.distributed import all_hosts
+from pbbjax.models.sharding import to_host
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +79,18 @@ def _checksum(x):
     return jnp.sum(h ^ (h >> 13), dtype=jnp.uint32)
 
 
+@jax.jit
+def _checksum_all(arrays):
+    return jnp.stack([_checksum(x) for x in arrays])
+
+
 def _checksums(tree) -> dict[str, list]:
-    """{keystr: [dtype, checksum]} for every array leaf; one small device computation per leaf."""
+    """{keystr: [dtype, checksum]} for every array leaf, in one device program: on a pod each checksum is
+    a collective, and several collective programs in flight at once can deadlock XLA:CPU's gloo."""
     leaves = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
     leaves = [(k, x) for k, x in leaves if isinstance(x, jax.Array | np.ndarray)]
-    sums = [_checksum(x) for _, x in leaves]  # dispatched asynchronously, fetched together below
-    return {
-        k: [str(x.dtype), int(np.asarray(s.addressable_data(0)))]
-        for (k, x), s in zip(leaves, sums, strict=True)
-    }
+    sums = to_host(_checksum_all([x for _, x in leaves])) if leaves else []
+    return {k: [str(x.dtype), int(s)] for (k, x), s in zip(leaves, sums, strict=True)}
 
 
 def _normalise(d: dict) -> dict:
@@ -174,6 +181,9 @@ class Checkpointer:
             return None
         failures = []
         for step in steps:
+            # Every host decides together: a host that cannot read its part of a step makes every host
+            # fall back, so all restore the same step and run the same collectives.
+            out, error = None, None
             try:
                 info = self._mgr.restore(step, args=ocp.args.Composite(info=ocp.args.JsonRestore()))["info"]
                 self._check_fingerprint(step, info.get("fingerprint"))
@@ -183,18 +193,27 @@ class Checkpointer:
                         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
                     ),
                 )
-                self._verify(out["state"], info.get("checksums", {}))
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # any failure to read a step means: try the previous one
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-                failures.append(f"step {step}: {reason}")
-                self._corrupt.add(step)
-                self._log(logging.WARNING, "checkpoint %s is unreadable (%s); trying an older one",
-                          self.directory / str(step), reason)  # fmt: skip
-                continue
-            self._log(logging.INFO, "restored checkpoint step %d from %s", step, self.directory)
-            return out["state"], out["meta"], step
+                error = e
+            if all_hosts(error is None):
+                try:
+                    self._verify(out["state"], info.get("checksums", {}))  # collective on every host
+                except ValueError as e:
+                    error = e
+                if all_hosts(error is None):
+                    self._log(logging.INFO, "restored checkpoint step %d from %s", step, self.directory)
+                    return out["state"], out["meta"], step
+            if error is None:
+                reason = "unreadable on another host"
+            else:
+                reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+            failures.append(f"step {step}: {reason}")
+            self._corrupt.add(step)
+            log.warning(  # every host says why it falls back
+                "checkpoint %s is unreadable (%s); trying an older one", self.directory / str(step), reason
+            )
         raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(failures))
 
     def _check_fingerprint(self, step: int, saved: dict | None) -> None:
