@@ -21,6 +21,7 @@ import inspect
 import ml_collections
 
 from pbbjax.curriculum import CURRICULA, CurriculumConfig
+from pbbjax.distributed import CLUSTER_DEFAULTS
 from pbbjax.evaluation import EvalConfig
 from pbbjax.pipeline import PipelineConfig
 from pbbjax.presets import MODELS, apply_paper
@@ -75,6 +76,7 @@ def base_config(curriculum: str, **data_overrides) -> ml_collections.ConfigDict:
     c.pipeline = _dataclass_dict(PipelineConfig)
     c.workdir = ""  # "" = runs/<curriculum>-<domain>-seed<seed>
     c.distributed = "auto"  # "auto" (initialize when launched on a pod / cluster), "on", "off"
+    c.cluster = dict(CLUSTER_DEFAULTS)  # coordinator, process count and id (pbbjax.distributed)
     # A TPU topology ("v5p:4x4x2") or pod ("v5p-64"): only compile the steps for it and report (pbbjax.aot)
     c.compile_only_topology = ""
     # config_file: a config.json giving the model's shape without weights ("" = the one in model.path)

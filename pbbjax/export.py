@@ -39,6 +39,7 @@ import tensorstore as ts
 from etils import epath
 from flax import nnx
 
+from pbbjax.distributed import launched_process_index
 from pbbjax.models.config import DTYPES, ModelConfig, resolve_dtype
 from pbbjax.models.decoder import Transformer
 from pbbjax.models.hf_io import TOKENIZER_FILES as _TOKENIZER_CORE
@@ -417,6 +418,9 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))
     if args["max_shard_bytes"] <= 0:
         parser.error("--max-shard-bytes must be positive")
+    if (index := launched_process_index()) != 0:  # a host-side tool: one host of a pod writes
+        print(f"pbbjax.export: process {index} of a pod: process 0 exports; nothing to do here")
+        return
     jax.config.update("jax_platforms", "cpu")  # never claims an accelerator a run may be using
     _return_freed_buffers_to_the_os()
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)

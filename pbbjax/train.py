@@ -10,7 +10,6 @@ their memory and FLOPs (``pbbjax.aot``).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -21,37 +20,34 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "a configs/*.py file, optionally :preset", lock_config=True
 )
 
-_CLUSTER_ENV = (
-    "JAX_COORDINATOR_ADDRESS",
-    "TPU_WORKER_HOSTNAMES",
-    "MEGASCALE_COORDINATOR_ADDRESS",
-    "SLURM_JOB_ID",
-)
-
-
-def maybe_initialize_distributed(mode: str) -> None:
-    """jax.distributed.initialize() on pods and clusters: always with "on", when detected with "auto"."""
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"config field 'distributed' is {mode!r}; expected 'auto', 'on' or 'off'")
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    detected = any(os.environ.get(k) for k in _CLUSTER_ENV if k != "TPU_WORKER_HOSTNAMES") or "," in hosts
-    if mode == "on" or (mode == "auto" and detected):
-        import jax
-
-        jax.distributed.initialize()
-
 
 def tiny_model_dir(fields: dict, workdir: Path, seed: int) -> Path:
-    """A tiny random Llama with SmolLM2's tokenizer, written once as an HF directory in the workdir."""
+    """A tiny random Llama with SmolLM2's tokenizer, written once as an HF directory in the workdir.
+
+    On a pod, process 0 writes it first; a host that does not share its disk then writes its own copy
+    (the same bytes: the weights come from ``seed``)."""
+    import jax
+
+    out = workdir / "tiny_model"
+    if jax.process_index() == 0:
+        _write_tiny_model(fields, out, seed)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("pbbjax-tiny-model")
+        _write_tiny_model(fields, out, seed)
+    return out
+
+
+def _write_tiny_model(fields: dict, out: Path, seed: int) -> None:
+    if (out / "config.json").exists():
+        return
+    from flax import nnx
+
     import pbbjax
     from pbbjax.models.config import ModelConfig
     from pbbjax.models.decoder import Transformer
     from pbbjax.models.hf_io import load_tokenizer
-
-    out = workdir / "tiny_model"
-    if (out / "config.json").exists():
-        return out
-    from flax import nnx
 
     tokenizer = load_tokenizer(pbbjax.default_model_path())
     hf = {
@@ -63,16 +59,16 @@ def tiny_model_dir(fields: dict, workdir: Path, seed: int) -> Path:
     }
     generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     cfg = ModelConfig.from_hf(hf, generation_config=generation)
-    pbbjax.save_model(Transformer(cfg, rngs=nnx.Rngs(seed)), out, tokenizer=tokenizer)
-    return out
+    pbbjax.save_model(Transformer(cfg, rngs=nnx.Rngs(seed)), out, tokenizer=tokenizer, write=True)
 
 
 def run(config) -> list[dict]:
     """Train ``config``'s whole curriculum (resuming from its workdir) and return its evaluation records."""
+    from pbbjax.distributed import initialize
     from pbbjax.storage import Workdir, check_workdir
 
     check_workdir(config.workdir)
-    maybe_initialize_distributed(config.distributed)
+    initialize(config.distributed, config.cluster.to_dict())
     import pbbjax
     from pbbjax.training.runner import Runner
 
@@ -97,7 +93,13 @@ def main(argv):
         from pbbjax import aot
 
         sys.exit(aot.run(config))
-    run(config)
+    from pbbjax.training.preemption import EXIT_CODE, Preempted
+
+    try:
+        run(config)
+    except Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(EXIT_CODE)
 
 
 if __name__ == "__main__":

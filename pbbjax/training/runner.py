@@ -28,16 +28,19 @@ from flax import nnx
 
 from pbbjax.config import as_tuple, curriculum_config, domain_of, pipeline_config
 from pbbjax.curriculum import build_curriculum, derive_seed
+from pbbjax.distributed import same_on_every_host
 from pbbjax.evaluation import EvalConfig, evaluate, results_table
 from pbbjax.formatting import chat_prompt
 from pbbjax.models.hf_io import load_model, save_model
 from pbbjax.models.sharding import make_mesh
 from pbbjax.pipeline import make_dataset, tokenize_rows
+from pbbjax.sampling import generation_ids
 from pbbjax.storage import Workdir
 from pbbjax.training import sft
 from pbbjax.training.checkpoint import Checkpointer, abstract_like, shape_digest
 from pbbjax.training.grpo import GRPOConfig
 from pbbjax.training.metrics import MetricsLogger, Progress, mfu, train_flops_per_token
+from pbbjax.training.preemption import Preempted, PreemptionWatch
 from pbbjax.training.rollout import GRPOStepper, grpo_optimizer, text_reward_fn
 
 log = logging.getLogger(__name__)
@@ -137,7 +140,7 @@ class Runner:
         cfg = dataclasses.replace(
             self.pipeline, seed=derive_seed(self.config.seed, "data", stage.name) % 2**32
         )
-        if not steps:
+        if not steps:  # every host packs the same global batches (pipeline.py)
             local = sum(
                 1
                 for _ in make_dataset(
@@ -147,7 +150,8 @@ class Runner:
                     jax.process_count(),
                 )
             )
-            steps = _min_over_hosts(local)
+            same_on_every_host(local, f"the step count of stage {stage.name!r}")
+            steps = local
         infinite = dataclasses.replace(cfg, num_epochs=None)
         return make_dataset(examples, infinite, jax.process_index(), jax.process_count()), steps
 
@@ -157,6 +161,11 @@ class Runner:
 
     # -- the run ----------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
+        """Train, evaluate and export every stage; raises ``Preempted`` after saving on SIGTERM."""
+        with PreemptionWatch() as self.preemption:
+            return self._run()
+
+    def _run(self) -> list[dict]:
         stages = self.curriculum.stages
         data = [self.stage_data(s) for s in stages]
         offsets = np.cumsum([0] + [steps for _, steps in data]).tolist()
@@ -223,9 +232,7 @@ class Runner:
         reward_fn = text_reward_fn(
             self.tokenizer, self.domain, self.curriculum.instructions, rows, self.rl.format_reward
         )
-        eos = self.model.cfg.generation_config.get("eos_token_id", self.tokenizer.eos_token_id)
-        eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
-        pad = self.tokenizer.pad_token_id
+        eos_ids, pad_id = generation_ids(self.model, self.tokenizer)
         ref = None
         if self.rl.beta:  # the reference: the stage's start (a copy: training donates the live arrays)
             start = _start_of(stages, si)
@@ -240,7 +247,7 @@ class Runner:
             prompts=prompts,
             reward_fn=reward_fn,
             eos_ids=eos_ids,
-            pad_id=eos_ids[0] if pad is None else pad,
+            pad_id=pad_id,
             seed=derive_seed(self.config.seed, "rl", stage.name) % 2**31,
             ref_params=ref,
         )
@@ -248,9 +255,9 @@ class Runner:
     def _restore(self):
         if self.ckpt.latest_step() is None:
             return None
-        # Every stage's state has the same structure (parameters, AdamW moments, step).
-        template = sft.init_state(self.model, sft.make_optimizer(self.optim, 1), self.mesh)
-        state, meta, step = self.ckpt.restore(abstract_like(template))
+        # Every stage's state has the same structure (parameters, AdamW moments, step) and layout.
+        template = sft.abstract_state(nnx.state(self.model), sft.make_optimizer(self.optim, 1), self.mesh)
+        state, meta, step = self.ckpt.restore(template)
         log.warning("resuming from checkpoint %d: stage %s, step %d", step, meta["stage"], meta["stage_step"])
         return state, meta
 
@@ -259,6 +266,15 @@ class Runner:
         every, eval_every = self.config.train.checkpoint_every, self.config.train.eval_every
         t0, tokens = time.perf_counter(), 0
         for step in range(start, steps):
+            if self.preemption.should_stop(step):
+                # (a step already saved, e.g. the previous stage's end at step 0, is kept as it is)
+                self._save(offset + step, state, si, stage, step, it, force=False)
+                self.ckpt.wait()
+                progress.close()
+                raise Preempted(
+                    f"preempted: saved stage {stage.name!r} step {step} (checkpoint {offset + step}) in "
+                    f"{self.ckpt.directory}; run the same command again to resume"
+                )
             state, m, n_tokens = stepper(state, step)
             if not m["finite"]:
                 last = self.ckpt.latest_step()
@@ -280,15 +296,23 @@ class Runner:
             shown = {k: metrics[k] for k in ("loss", "reward") if k in metrics}
             progress.update(step + 1, **shown, tokens_per_s=tps, lr=metrics["learning_rate"])
             if (step + 1) % every == 0 or step + 1 == steps:
-                meta = {"stage": stage.name, "stage_index": si, "stage_step": step + 1}
-                meta["data_state"] = it.get_state() if it is not None else None
-                self.ckpt.save(offset + step + 1, state, meta, force=step + 1 == steps)
-                self._push("metrics.jsonl")  # the metrics up to the checkpoint a restart resumes from
+                self._save(offset + step + 1, state, si, stage, step + 1, it, force=step + 1 == steps)
             if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
                 records = self._evaluate(state["params"], stage.name, offset + step + 1, final=False)
                 self.logger.log(offset + step + 1, _flatten(records), prefix=f"{stage.name}/eval/")
         progress.close()
         return state
+
+    def _save(self, global_step, state, si, stage, stage_step, it, force):
+        """A checkpoint of ``state`` after ``stage_step`` steps of stage ``si``, with the data position (one
+        state for every host: they iterate the same global batches; checked)."""
+        meta = {"stage": stage.name, "stage_index": si, "stage_step": stage_step}
+        meta["data_state"] = it.get_state() if it is not None else None
+        same_on_every_host(
+            json.dumps(meta, sort_keys=True), "the checkpoint meta (stage, step, data position)"
+        )
+        self.ckpt.save(global_step, state, meta, force=force)
+        self._push("metrics.jsonl")  # the metrics up to the checkpoint a restart resumes from
 
     # -- evaluation, export, results --------------------------------------------------------------------
     def _evaluate(self, params, after: str, step: int, final: bool = True) -> list[dict]:
@@ -402,11 +426,3 @@ def _start_of(stages, index: int) -> str | None:
     """The stage whose end stage ``index`` starts from (None: the model as loaded)."""
     stage = stages[index]
     return stage.start_from or (stages[index - 1].name if index else None)
-
-
-def _min_over_hosts(n: int) -> int:
-    if jax.process_count() == 1:
-        return n
-    from jax.experimental import multihost_utils
-
-    return int(np.min(multihost_utils.process_allgather(np.asarray(n))))
