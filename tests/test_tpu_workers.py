@@ -11,6 +11,7 @@ from tpu_helpers import (  # noqa: F401  (_no_gcloud_env: an autouse fixture)
     DESCRIBE_POD,
     LAUNCH_POD,
     NASTY,
+    PIN_POD,
     POD_RUN,
     POD_WORKDIR,
     REPO,
@@ -132,10 +133,16 @@ def test_worker_scripts_are_clean_bash():
 
 
 FAKE_GCLOUD = """#!/usr/bin/env bash
-# Answers describe with the next line of $FAKE_DIR/states and status with the next of $FAKE_DIR/runs.
+# Answers describe with the next line of $FAKE_DIR/states and status with the next of $FAKE_DIR/runs;
+# keeps the run record in $FAKE_DIR/record.
 echo "$*" >> "$FAKE_DIR/calls"
 pop() { head -n 1 "$FAKE_DIR/$1"; sed -i 1d "$FAKE_DIR/$1"; }
 case "$*" in
+  "storage cat "*)
+    if cat "$FAKE_DIR/record" 2>/dev/null; then exit 0; fi
+    echo "ERROR: (gcloud.storage.cat) The following URLs matched no objects or files:" >&2
+    exit 1 ;;
+  "storage cp - "*) cat > "$FAKE_DIR/record" ;;
   *" describe "*)
     state=$(pop states)
     if [ "$state" != NOT_FOUND ]; then echo "$state"; exit 0; fi
@@ -161,7 +168,7 @@ def test_watch_for_real_against_a_fake_gcloud(tmp_path, monkeypatch, capsys):
     assert rc == 0, capsys.readouterr().err
     calls = (tmp_path / "calls").read_text().splitlines()  # the arguments, joined by spaces
     assert calls == [" ".join(shlex.split(line)[1:]) for line in [
-        DESCRIBE_POD, CREATE_POD, DESCRIBE_POD, DESCRIBE_POD, SETUP_POD, LAUNCH_POD,
+        *PIN_POD, DESCRIBE_POD, CREATE_POD, DESCRIBE_POD, DESCRIBE_POD, SETUP_POD, LAUNCH_POD,
         DESCRIBE_POD, STATUS_POD, DESCRIBE_POD, STATUS_POD,
     ]]  # fmt: skip
     assert "# pbbjax-status t1v-n-0-w-3 exited 0" in capsys.readouterr().err
