@@ -16,6 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tpu"))
 import pbbtpu  # noqa: E402
+import pbbtpu_lib  # noqa: E402, F401  (for the tests)
+import pbbtpu_source  # noqa: E402, F401  (for the tests)
 from pbbtpu_lib import UsageError, parse_accelerator, summarize_run  # noqa: E402, F401  (for the tests)
 
 V5E = ["--name", "pbb-small", "--zone", "us-west4-a", "--project", "my-proj"]
@@ -142,3 +144,54 @@ def _wait_for(home, env, wanted: str, timeout=30.0) -> str:
         time.sleep(0.2)
     assert wanted in out, out
     return out
+
+
+FAKE_GCLOUD = """#!/usr/bin/env bash
+# Answers describe with the next line of $FAKE_DIR/states and status with the next of $FAKE_DIR/runs
+# ("hang": two workers answer, then nothing); keeps the run record in $FAKE_DIR/record. With $FAKE_HOME,
+# a worker's home: create empties it, scp copies there and setup's command runs there.
+echo "$*" >> "$FAKE_DIR/calls"
+pop() { head -n 1 "$FAKE_DIR/$1"; sed -i 1d "$FAKE_DIR/$1"; }
+case "$*" in
+  "storage cat "*)
+    if cat "$FAKE_DIR/record" 2>/dev/null; then exit 0; fi
+    echo "ERROR: (gcloud.storage.cat) The following URLs matched no objects or files:" >&2
+    exit 1 ;;
+  "storage cp - "*) cat > "$FAKE_DIR/record" ;;
+  *" describe "*)
+    state=$(pop states)
+    if [ -z "$state" ]; then sleep 600; fi  # none left: a test whose watch never ends fails by timeout
+    if [ "$state" != NOT_FOUND ]; then echo "$state"; exit 0; fi
+    echo "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource 'pbb-pod' was not found" >&2
+    exit 1 ;;
+  *" create "*) if [ -n "${FAKE_HOME:-}" ]; then rm -rf "$FAKE_HOME"; mkdir -p "$FAKE_HOME"; fi ;;
+  *" delete "*) if [ -f "$FAKE_DIR/on-delete" ]; then bash "$FAKE_DIR/on-delete"; fi ;;
+  *" scp "*) if [ -n "${FAKE_HOME:-}" ]; then cp "$5" "$FAKE_HOME/${6#*:}"; fi ;;
+  *"worker_setup.sh"*)
+    if [ -n "${FAKE_HOME:-}" ]; then
+      for arg; do case $arg in --command=*) command=${arg#--command=} ;; esac; done
+      cd "$FAKE_HOME" && HOME=$FAKE_HOME bash -c "$command"
+    fi ;;
+  *"worker_run.sh status"*)
+    run=$(pop runs)
+    if [ "$run" = hang ]; then
+      echo "pbbjax-status t1v-n-0-w-0 running"
+      echo "pbbjax-status t1v-n-0-w-1 running"
+      sleep 600 &
+      echo $! > "$FAKE_DIR/hung"
+      wait
+    fi
+    for w in 0 1 2 3; do echo "pbbjax-status t1v-n-0-w-$w $run"; done ;;
+esac
+"""
+
+
+def fake_gcloud(tmp_path, monkeypatch, states: str, runs: str = "") -> Path:
+    """FAKE_GCLOUD first on PATH, answering from ``states`` and ``runs`` (comma-separated)."""
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    _executable(tmp_path / "bin" / "gcloud", FAKE_GCLOUD)
+    (tmp_path / "states").write_text("".join(f"{s}\n" for s in states.split(",")))
+    (tmp_path / "runs").write_text("".join(f"{r}\n" for r in runs.split(",") if r))
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_DIR", str(tmp_path))
+    return tmp_path
