@@ -6,9 +6,11 @@
 Commands: ``create``, ``setup``, ``launch``, ``up`` (create + setup + launch), ``watch`` (keep a run going
 through preemptions and restarts), ``status``, ``logs``, ``stop``, ``teardown``. Every command takes
 ``--dry-run``: it prints each command it would run, one per line, shell-quoted (lines starting with ``#``
-are notes), and runs nothing. This file uses only the standard library, so it runs wherever ``gcloud``
-does, without pbbjax installed. What runs on the workers is ``tpu/worker_setup.sh`` and
-``tpu/worker_run.sh`` in the checkout that ``setup`` puts there; ``tpu/README.md`` is the walkthrough.
+are notes), and runs nothing. Every command it runs has a time limit (``--timeout KIND=SECONDS``), and
+every VM of a run gets the commit the run started with (pbbtpu_source.py). This file uses only the
+standard library, so it runs wherever ``gcloud`` does, without pbbjax installed. What runs on the
+workers is ``tpu/worker_setup.sh`` and ``tpu/worker_run.sh`` in the checkout that ``setup`` puts there;
+``tpu/README.md`` is the walkthrough.
 """
 
 from __future__ import annotations
