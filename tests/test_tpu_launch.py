@@ -18,6 +18,7 @@ from tpu_helpers import (  # noqa: F401  (_no_gcloud_env: an autouse fixture)
     DESCRIBE_POD,
     LAUNCH_POD,
     NASTY,
+    PIN_POD,
     POD_RUN,
     POD_WORKDIR,
     REPO,
@@ -27,6 +28,7 @@ from tpu_helpers import (  # noqa: F401  (_no_gcloud_env: an autouse fixture)
     STATUS_POD,
     V5E,
     V5P,
+    RecordingPopen,
     UsageError,
     _no_gcloud_env,
     dry,
@@ -134,18 +136,22 @@ def test_create_options(capsys):
 
 
 def test_setup_from_local_ships_head(capsys):
-    rc, commands, _, _ = dry(capsys, "setup", *V5P, "--from-local", "--python", "3.12")
+    rc, commands, notes, _ = dry(capsys, "setup", *V5P, "--from-local", "--python", "3.12")
     archive = ROOT / "build" / "pbbjax-src-pbb-pod.tar.gz"
+    git = f"git -C {shlex.quote(str(ROOT))}"
     assert rc == 0
-    assert commands[:2] == [
-        f"git -C {shlex.quote(str(ROOT))} archive --format=tar.gz {shlex.quote(f'--output={archive}')} HEAD",
+    assert commands[:4] == [
+        f"{git} status --porcelain",  # uncommitted changes would not travel: an error (test_tpu_source.py)
+        f"{git} rev-parse --verify 'HEAD^{{commit}}'",
+        f"{git} archive --format=tar.gz {shlex.quote(f'--output={archive}')} '<commit of HEAD>'",
         f"gcloud compute tpus tpu-vm scp {shlex.quote(str(archive))} pbb-pod:pbbjax-src.tar.gz {AT_V5P} "
         "--worker=all --quiet",
     ]
     unpack = (
         "set -euo pipefail; mkdir -p pbbjax; tar -xzf pbbjax-src.tar.gz -C pbbjax; rm -f pbbjax-src.tar.gz;"
     )
-    assert remote_argv(commands[2]) == shlex.split(
+    assert "# dry run: <commit of HEAD> stands for this checkout's HEAD, which must be clean" in notes
+    assert remote_argv(commands[4]) == shlex.split(
         unpack + " cd pbbjax && bash tpu/worker_setup.sh --python 3.12"
     )
 
@@ -195,11 +201,11 @@ def test_secrets_are_masked_in_the_dry_run_only(capsys, monkeypatch):
     rc, commands, _, _ = dry(capsys, *argv)
     assert rc == 0 and "hf_secret123" not in commands[0]
     assert remote_argv(commands[0])[3:6] == ["env", "HF_TOKEN=***", "A=b"]
-    calls = []
-    run = mock.patch.object(subprocess, "run", side_effect=lambda cmd, **kw: calls.append(cmd))
-    with run, mock.patch.object(shutil, "which", return_value="/usr/bin/gcloud"):
+    RecordingPopen.calls = []
+    popen = mock.patch.object(subprocess, "Popen", RecordingPopen)
+    with popen, mock.patch.object(shutil, "which", return_value="/usr/bin/gcloud"):
         assert pbbtpu.main(argv) == 0
-    assert remote_argv(shlex.join(calls[0]))[3:6] == ["env", "HF_TOKEN=hf_secret123", "A=b"]
+    assert remote_argv(shlex.join(RecordingPopen.calls[0]))[3:6] == ["env", "HF_TOKEN=hf_secret123", "A=b"]
 
 
 # -- the resume loop -------------------------------------------------------------------------------------
@@ -212,6 +218,7 @@ def test_watch_recreates_a_preempted_pod_then_sets_up_and_relaunches(capsys):
     )  # fmt: skip
     assert rc == 0, err
     assert commands == [
+        *PIN_POD,
         DESCRIBE_POD,
         f"gcloud compute tpus tpu-vm delete pbb-pod {AT_V5P} --quiet",
         f"{CREATE_POD} --spot",
@@ -233,6 +240,7 @@ def test_watch_queued_resource_through_its_states(capsys):
     assert rc == 0, err
     describe = f"gcloud compute tpus queued-resources describe pbb-pod {AT_V5P} '--format=value(state.state)'"
     assert commands == [
+        *PIN_POD,
         describe,
         describe,
         STATUS_POD,
@@ -255,12 +263,14 @@ def test_watch_relaunches_a_failed_run_and_tears_down_when_done(capsys):
     )  # fmt: skip
     assert rc == 0
     assert commands == [
+        *PIN_POD,
         DESCRIBE_POD, STATUS_POD,
         DESCRIBE_POD, STATUS_POD, LAUNCH_POD,  # failed: relaunch (resumes), no reinstall
         DESCRIBE_POD, STATUS_POD, SETUP_POD, LAUNCH_POD,  # gone (the VM restarted): setup is idempotent
         DESCRIBE_POD, STATUS_POD, f"gcloud compute tpus tpu-vm delete pbb-pod {AT_V5P} --quiet",
     ]  # fmt: skip
-    assert "# restart 1 of 3: relaunch, resume from the newest checkpoint" in notes
+    assert "# failure 1 of at most 3 in 24h: the run exited non-zero on a worker" in notes
+    assert "# relaunch, resume from the newest checkpoint" in notes
 
 
 def test_watch_gives_up_after_max_restarts(capsys):
@@ -269,8 +279,11 @@ def test_watch_gives_up_after_max_restarts(capsys):
         "--fake-states", "READY,READY,READY", "--fake-runs", "failed,failed",
     )  # fmt: skip
     assert rc == 1
-    assert "the run failed 2 times; TPU pbb-pod kept" in err
-    assert commands == [DESCRIBE_POD, STATUS_POD, LAUNCH_POD, DESCRIBE_POD, STATUS_POD]
+    assert err == (
+        "pbbtpu watch: 2 failures within 24h (--max-restarts 1 per --restart-window 24h), the last: the run "
+        "exited non-zero on a worker; TPU pbb-pod kept for a look at the logs\n"
+    )
+    assert commands == [*PIN_POD, DESCRIBE_POD, STATUS_POD, LAUNCH_POD, DESCRIBE_POD, STATUS_POD]
 
 
 def test_watch_starts_a_stopped_vm_and_creates_a_missing_one(capsys):
@@ -287,6 +300,7 @@ def test_watch_starts_a_stopped_vm_and_creates_a_missing_one(capsys):
     )
     assert rc == 0
     assert commands == [
+        *PIN_POD,
         DESCRIBE_POD,
         CREATE_POD,
         DESCRIBE_POD,

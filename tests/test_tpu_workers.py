@@ -11,6 +11,7 @@ from tpu_helpers import (  # noqa: F401  (_no_gcloud_env: an autouse fixture)
     DESCRIBE_POD,
     LAUNCH_POD,
     NASTY,
+    PIN_POD,
     POD_RUN,
     POD_WORKDIR,
     REPO,
@@ -25,6 +26,7 @@ from tpu_helpers import (  # noqa: F401  (_no_gcloud_env: an autouse fixture)
     _worker,
     _worker_env,
     dry,
+    fake_gcloud,
     pbbtpu,
 )  # fmt: skip
 
@@ -131,37 +133,16 @@ def test_worker_scripts_are_clean_bash():
         subprocess.run(["shellcheck", *map(str, scripts)], check=True)
 
 
-FAKE_GCLOUD = """#!/usr/bin/env bash
-# Answers describe with the next line of $FAKE_DIR/states and status with the next of $FAKE_DIR/runs.
-echo "$*" >> "$FAKE_DIR/calls"
-pop() { head -n 1 "$FAKE_DIR/$1"; sed -i 1d "$FAKE_DIR/$1"; }
-case "$*" in
-  *" describe "*)
-    state=$(pop states)
-    if [ "$state" != NOT_FOUND ]; then echo "$state"; exit 0; fi
-    echo "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource 'pbb-pod' was not found" >&2
-    exit 1 ;;
-  *"worker_run.sh status"*)
-    run=$(pop runs)
-    for w in 0 1 2 3; do echo "pbbjax-status t1v-n-0-w-$w $run"; done ;;
-esac
-"""
-
-
 def test_watch_for_real_against_a_fake_gcloud(tmp_path, monkeypatch, capsys):
     """Not a dry run: the loop reads the states gcloud prints (NOT_FOUND from its error), and the run's
     state from every worker's status line, until the run is done."""
-    (tmp_path / "bin").mkdir()
-    _executable(tmp_path / "bin" / "gcloud", FAKE_GCLOUD)
-    (tmp_path / "states").write_text("NOT_FOUND\nCREATING\nREADY\nREADY\nREADY\n")
-    (tmp_path / "runs").write_text("running\nexited 0\n")
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_DIR", str(tmp_path))
-    rc = pbbtpu.main(["watch", *V5P, "--accelerator", "v5p-32", *REPO, *POD_RUN, "--interval", "0"])
+    fake_gcloud(tmp_path, monkeypatch, "NOT_FOUND,CREATING,READY,READY,READY", "running,exited 0")
+    argv = ["watch", *V5P, "--accelerator", "v5p-32", *REPO, *POD_RUN, "--interval", "0"]
+    rc = pbbtpu.main([*argv, "--timeout", "describe=5"])  # a watch that never ends fails in 20 s
     assert rc == 0, capsys.readouterr().err
     calls = (tmp_path / "calls").read_text().splitlines()  # the arguments, joined by spaces
     assert calls == [" ".join(shlex.split(line)[1:]) for line in [
-        DESCRIBE_POD, CREATE_POD, DESCRIBE_POD, DESCRIBE_POD, SETUP_POD, LAUNCH_POD,
+        *PIN_POD, DESCRIBE_POD, CREATE_POD, DESCRIBE_POD, DESCRIBE_POD, SETUP_POD, LAUNCH_POD,
         DESCRIBE_POD, STATUS_POD, DESCRIBE_POD, STATUS_POD,
     ]]  # fmt: skip
     assert "# pbbjax-status t1v-n-0-w-3 exited 0" in capsys.readouterr().err

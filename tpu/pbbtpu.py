@@ -6,22 +6,21 @@
 Commands: ``create``, ``setup``, ``launch``, ``up`` (create + setup + launch), ``watch`` (keep a run going
 through preemptions and restarts), ``status``, ``logs``, ``stop``, ``teardown``. Every command takes
 ``--dry-run``: it prints each command it would run, one per line, shell-quoted (lines starting with ``#``
-are notes), and runs nothing. This file uses only the standard library, so it runs wherever ``gcloud``
-does, without pbbjax installed. What runs on the workers is ``tpu/worker_setup.sh`` and
-``tpu/worker_run.sh`` in the checkout that ``setup`` puts there; ``tpu/README.md`` is the walkthrough.
+are notes), and runs nothing. Every command it runs has a time limit (``--timeout KIND=SECONDS``), and
+every VM of a run gets the commit the run started with (pbbtpu_source.py). This file uses only the
+standard library, so it runs wherever ``gcloud`` does, without pbbjax installed. What runs on the
+workers is ``tpu/worker_setup.sh`` and ``tpu/worker_run.sh`` in the checkout that ``setup`` puts there;
+``tpu/README.md`` is the walkthrough.
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # pbbtpu_lib beside this file, however it is run
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # pbbtpu_* beside this file, however it is run
 
 from pbbtpu_lib import (  # noqa: E402
     LOST,
@@ -31,6 +30,7 @@ from pbbtpu_lib import (  # noqa: E402
     STOPPED,
     WAITING,
     Accelerator,
+    RestartBudget,
     UsageError,
     check_common,
     check_run,
@@ -48,48 +48,19 @@ from pbbtpu_lib import (  # noqa: E402
     summarize_run,
     worker_script,
 )
-
-# -- running commands --------------------------------------------------------------------------------------
-
-
-class Shell:
-    """Runs commands; with ``dry_run`` prints them (one per line, shell-quoted) and runs nothing."""
-
-    def __init__(self, dry_run: bool):
-        self.dry_run = dry_run
-
-    def run(self, cmd: list[str], *, display: list[str] | None = None, capture=False, check=True):
-        shown = shlex.join(display or cmd)
-        if self.dry_run:
-            print(shown, flush=True)
-            return None
-        print(f"+ {shown}", file=sys.stderr, flush=True)
-        return subprocess.run(cmd, check=check, text=True, capture_output=capture)
-
-    def note(self, text: str) -> None:
-        print(f"# {text}", file=sys.stdout if self.dry_run else sys.stderr, flush=True)
-
-    def sleep(self, seconds: float) -> None:
-        if self.dry_run:
-            self.note(f"sleep {seconds:g}s")
-        else:
-            time.sleep(seconds)
-
+from pbbtpu_shell import TIMEOUTS, CallFailed, Failed, Shell, parse_timeouts  # noqa: E402
+from pbbtpu_source import pin_commit  # noqa: E402
 
 # -- commands ----------------------------------------------------------------------------------------------
-
-
-class Failed(Exception):
-    """The cloud said no (a TPU that cannot come up, a run that keeps failing): exit status 1."""
 
 
 def probe_tpu(a, sh: Shell, fakes: list[str] | None) -> str | None:
     """The TPU's (or queued resource's) state; in a dry run the next fake state, None when they run out."""
     cmd = describe_command(a)
     if sh.dry_run:
-        sh.run(cmd)
+        sh.run(cmd, kind="describe")
         return fakes.pop(0) if fakes else None
-    res = sh.run(cmd, capture=True, check=False)
+    res = sh.run(cmd, kind="describe", capture=True, check=False)
     if res.returncode == 0:
         return (res.stdout.split() or ["UNKNOWN"])[0]
     if "NOT_FOUND" in res.stderr or "not found" in res.stderr.lower():
@@ -102,9 +73,14 @@ def probe_run(a, acc: Accelerator, sh: Shell, fakes: list[str] | None) -> str:
     """running | done | failed | absent | unknown, from worker_run.sh status on every worker."""
     cmd = ssh(a, worker_script(a, "status"))
     if sh.dry_run:
-        sh.run(cmd)
+        sh.run(cmd, kind="ssh")
         return fakes.pop(0) if fakes else "running"
-    res = sh.run(cmd, capture=True, check=False)
+    try:
+        res = sh.run(cmd, kind="ssh", capture=True, check=False)
+    except CallFailed as e:  # name the workers that answered: the others are the ones to look at
+        answered = [line.split()[1] for line in e.output.splitlines() if line.startswith("pbbjax-status ")]
+        e.add(f"{len(answered)} of {acc.hosts} workers answered ({', '.join(answered) or 'none'})")
+        raise
     for line in res.stdout.splitlines():
         if line.startswith("pbbjax-status "):
             sh.note(line)
@@ -123,81 +99,111 @@ def wait_ready(a, sh: Shell, fakes: list[str] | None) -> bool:
     return True
 
 
+def install(a, sh: Shell, commit: str) -> None:
+    if a.from_local and not sh.dry_run:
+        (ROOT / "build").mkdir(exist_ok=True)
+    kinds = ["git", "scp", "setup"] if a.from_local else ["setup"]
+    for kind, cmd in zip(kinds, setup_commands(a, commit), strict=True):
+        sh.run(cmd, kind=kind)
+
+
+def create(a, sh: Shell, acc: Accelerator) -> None:
+    for cmd in create_commands(a, acc):
+        sh.run(cmd, kind="create")
+
+
 def cmd_create(a, sh, overrides):
     acc = parse_accelerator(a.accelerator)
     sh.note(
         f"{acc.type}: {acc.chips} chips, {acc.hosts} worker(s), runtime {a.version or acc.generation.runtime}"
     )
-    for cmd in create_commands(a, acc):
-        sh.run(cmd)
-    if a.command == "create" and a.wait:  # up waits itself
+    create(a, sh, acc)
+    if a.wait:
         wait_ready(a, sh, a.fake_states)
 
 
 def cmd_setup(a, sh, overrides):
-    if a.from_local and not sh.dry_run:
-        (ROOT / "build").mkdir(exist_ok=True)
-    for cmd in setup_commands(a):
-        sh.run(cmd)
+    install(a, sh, pin_commit(a, sh))
 
 
 def cmd_launch(a, sh, overrides):
     acc = parse_accelerator(a.accelerator)
     if a.preset_note:
         sh.note(a.preset_note)
-    sh.run(launch_command(a, acc, overrides), display=launch_command(a, acc, overrides, masked=True))
+    masked = launch_command(a, acc, overrides, masked=True)
+    sh.run(launch_command(a, acc, overrides), kind="ssh", display=masked)
     sh.note(f"logs: python tpu/pbbtpu.py logs --name {a.name} --zone {a.zone} --project {a.project}")
 
 
 def cmd_up(a, sh, overrides):
-    cmd_create(a, sh, overrides)
+    commit = pin_commit(a, sh)  # first: a dirty checkout or an unknown --ref stops before any TPU exists
+    acc = parse_accelerator(a.accelerator)
+    sh.note(
+        f"{acc.type}: {acc.chips} chips, {acc.hosts} worker(s), runtime {a.version or acc.generation.runtime}"
+    )
+    create(a, sh, acc)
     if wait_ready(a, sh, a.fake_states):
-        cmd_setup(a, sh, overrides)
+        install(a, sh, commit)
         cmd_launch(a, sh, overrides)
 
 
 def cmd_watch(a, sh, overrides):
-    """Keep the run going until it is done: recreate a lost TPU, set it up and relaunch (the run resumes
-    from its newest checkpoint in the gs:// workdir); relaunch a failed run up to --max-restarts times."""
+    """Keep the run going until it is done: recreate a lost TPU, set it up with the run's commit and
+    relaunch (the run resumes from its newest checkpoint in the gs:// workdir); relaunch a failed run.
+    Failures (a run that exits non-zero, a call that times out, a setup or launch that fails) spend a
+    budget of --max-restarts per --restart-window hours; the TPU being lost, or the cloud refusing a
+    create, start or delete (no capacity), spends nothing and is retried at every check."""
     acc = parse_accelerator(a.accelerator)
-    restarts, fresh = 0, False  # fresh: a TPU this loop created, with nothing on it yet
-    while (state := probe_tpu(a, sh, a.fake_states)) is not None:
-        sh.note(f"TPU {a.name}: {state}")
+    commit = pin_commit(a, sh)
+    budget = RestartBudget(a.max_restarts, a.restart_window * 3600)
+    fresh = False  # a TPU this loop created, with nothing on it yet
+    while True:
         try:
+            if (state := probe_tpu(a, sh, a.fake_states)) is None:
+                break
+            sh.note(f"TPU {a.name}: {state}")
             if state in READY:
                 run = "absent" if fresh else probe_run(a, acc, sh, a.fake_runs)
                 sh.note("a new TPU: set up and launch" if fresh else f"run: {run}")
                 if run == "done":
                     if a.teardown_when_done:
-                        sh.run(delete_command(a))
+                        sh.run(delete_command(a), kind="delete")
                     return 0
                 if run == "failed":
-                    restarts += 1
-                    if restarts > a.max_restarts:
-                        raise Failed(
-                            f"the run failed {restarts} times; TPU {a.name} kept for a look at the logs"
-                        )
-                    sh.note(
-                        f"restart {restarts} of {a.max_restarts}: relaunch, resume from the newest checkpoint"
-                    )
+                    spend(a, sh, budget, "the run exited non-zero on a worker")
+                    sh.note("relaunch, resume from the newest checkpoint")
                 if run == "absent":
-                    cmd_setup(a, sh, overrides)
+                    install(a, sh, commit)
                 if run in ("absent", "failed"):
                     cmd_launch(a, sh, overrides)
                     fresh = False
             elif state in LOST:
                 if state != "NOT_FOUND":
-                    sh.run(delete_command(a))
-                for cmd in create_commands(a, acc):
-                    sh.run(cmd)
+                    sh.run(delete_command(a), kind="delete")
+                create(a, sh, acc)
                 fresh = True
             elif state in STOPPED:
-                sh.run(start_command(a))
-        except subprocess.CalledProcessError as e:  # no capacity, an ssh hiccup: try again next round
-            sh.note(f"command failed with exit status {e.returncode}; trying again in {a.interval:g}s")
+                sh.run(start_command(a), kind="start")
+        except CallFailed as e:
+            if e.timed_out or e.kind not in ("create", "delete", "start"):
+                spend(a, sh, budget, str(e))
+            else:  # no capacity, a quota: the cloud's answer may change, so this spends nothing
+                sh.note(f"{e}; not counted as a failure")
+            sh.note(f"trying again in {a.interval:g}s")
         sh.sleep(a.interval)
     sh.note("fake states used up; the dry run stops here")
     return 0
+
+
+def spend(a, sh: Shell, budget: RestartBudget, what: str) -> None:
+    """Count one failure; raise when there have been more than --max-restarts in --restart-window."""
+    window = f"{a.restart_window:g}h"
+    if not budget.spend(sh.now()):
+        raise Failed(
+            f"{len(budget.times)} failures within {window} (--max-restarts {a.max_restarts} per "
+            f"--restart-window {window}), the last: {what}; TPU {a.name} kept for a look at the logs"
+        )
+    sh.note(f"failure {len(budget.times)} of at most {a.max_restarts} in {window}: {what}")
 
 
 def cmd_status(a, sh, overrides):
@@ -205,27 +211,29 @@ def cmd_status(a, sh, overrides):
     if not sh.dry_run:
         print(f"TPU {a.name}: {state}", flush=True)
     if sh.dry_run or state in READY:
-        sh.run(ssh(a, worker_script(a, "status")))
+        sh.run(ssh(a, worker_script(a, "status")), kind="ssh")
 
 
 def cmd_logs(a, sh, overrides):
     if a.fetch:
         if not (a.workdir or "").startswith("gs://"):
             raise UsageError("logs --fetch DIR copies <workdir>/logs: pass the run's gs:// --workdir")
-        sh.run(["gcloud", "storage", "rsync", "--recursive", f"{a.workdir.rstrip('/')}/logs", a.fetch])
+        logs = f"{a.workdir.rstrip('/')}/logs"
+        sh.run(["gcloud", "storage", "rsync", "--recursive", logs, a.fetch], kind="storage")
         return
     if a.follow and a.worker == "all":
         raise UsageError("logs --follow follows one worker: add --worker 0 (or another index)")
     follow = ["--follow"] if a.follow else []
-    sh.run(ssh(a, worker_script(a, "logs", "--lines", str(a.lines), *follow), worker=a.worker))
+    cmd = ssh(a, worker_script(a, "logs", "--lines", str(a.lines), *follow), worker=a.worker)
+    sh.run(cmd, kind=None if a.follow else "ssh")  # --follow runs until Ctrl-C
 
 
 def cmd_stop(a, sh, overrides):
-    sh.run(ssh(a, worker_script(a, "stop")))
+    sh.run(ssh(a, worker_script(a, "stop")), kind="ssh")
 
 
 def cmd_teardown(a, sh, overrides):
-    sh.run(delete_command(a))
+    sh.run(delete_command(a), kind="delete")
 
 
 COMMANDS = {
@@ -247,8 +255,8 @@ GROUPS = {
     "create": ("tpu", "wait", "create"),
     "setup": ("source",),
     "launch": ("accelerator", "run"),
-    "up": ("tpu", "source", "run", "wait"),
-    "watch": ("tpu", "source", "run", "watch"),
+    "up": ("tpu", "source", "pin", "run", "wait"),
+    "watch": ("tpu", "source", "pin", "run", "watch"),
     "status": ("queued",),
     "logs": ("logs",),
     "stop": (),
@@ -273,11 +281,21 @@ def _add_group(p: argparse.ArgumentParser, group: str) -> None:
                        help="extra create flag, e.g. --create-arg=--network=my-net")  # fmt: skip
     if group == "source":
         p.add_argument("--repo", default="", help="git URL every worker can clone")
-        p.add_argument("--ref", default="main", help="branch, tag or commit to check out (default main)")
+        p.add_argument(
+            "--ref", default="main", help="branch, tag or full commit; looked up once per run (default main)"
+        )
         p.add_argument(
             "--from-local", action="store_true", help="ship this checkout's HEAD (git archive) instead"
         )
+        p.add_argument(
+            "--allow-dirty", action="store_true", help="--from-local: ship HEAD without uncommitted changes"
+        )
         p.add_argument("--python", default="3.11", help="Python version of the workers' venv (default 3.11)")
+    if group == "pin":
+        p.add_argument(
+            "--repin", action="store_true",
+            help="look --ref (or HEAD) up again and record it as the run's commit in its gs:// workdir",
+        )  # fmt: skip
     if group == "run":
         p.add_argument("--config", required=True, help="configs/<curriculum>.py[:preset[,mesh]]")
         p.add_argument("--workdir", default="", help="gs://BUCKET/RUN (required on multi-host slices)")
@@ -295,8 +313,13 @@ def _add_group(p: argparse.ArgumentParser, group: str) -> None:
             "--fake-runs", help=f"dry run only: the run states to pretend ({', '.join(RUN_STATES)})"
         )
         p.add_argument(
-            "--max-restarts", type=int, default=3, help="relaunches of a failed run before giving up"
-        )
+            "--max-restarts", type=int, default=3,
+            help="failures (run exits non-zero, call times out) allowed per --restart-window (default 3)",
+        )  # fmt: skip
+        p.add_argument(
+            "--restart-window", type=float, default=24, metavar="HOURS",
+            help="failures older than this many hours no longer count (default 24)",
+        )  # fmt: skip
         p.add_argument(
             "--teardown-when-done", action="store_true", help="delete the TPU when the run is done"
         )
@@ -326,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--remote-dir", default="pbbjax", help="the checkout on each worker, from its home")
         p.add_argument("--internal-ip", action="store_true", help="ssh/scp over the internal IP")
         p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+        p.add_argument(
+            "--timeout", action="append", default=[], metavar="KIND=SECONDS",
+            help="limit for one kind of call: " + ", ".join(f"{k}={v:g}" for k, v in TIMEOUTS.items()),
+        )  # fmt: skip
         for group in GROUPS[name]:
             _add_group(p, group)
     return parser
@@ -360,18 +387,18 @@ def main(argv: list[str] | None = None) -> int:
             a.preset_note = check_run(a, acc, overrides)
             gcs = "watch recreates lost TPUs, and their disks with them" if a.command == "watch" else None
             check_workdir(a, acc, why_gcs=gcs)
+        if getattr(a, "max_restarts", 0) < 0 or getattr(a, "restart_window", 1) <= 0:
+            raise UsageError("--max-restarts must be 0 or more and --restart-window more than 0 hours")
+        shell = Shell(a.dry_run, parse_timeouts(a.timeout))
         if not a.dry_run and shutil.which("gcloud") is None:
             raise UsageError("gcloud is not installed here: see step 1 of tpu/README.md (or use --dry-run)")
-        return COMMANDS[a.command][0](a, Shell(a.dry_run), overrides) or 0
+        return COMMANDS[a.command][0](a, shell, overrides) or 0
     except UsageError as e:
         print(f"pbbtpu {a.command}: error: {e}", file=sys.stderr)
         return 2
     except Failed as e:
         print(f"pbbtpu {a.command}: {e}", file=sys.stderr)
-        return 1
-    except subprocess.CalledProcessError as e:
-        print(f"pbbtpu {a.command}: exit status {e.returncode} from: {shlex.join(e.cmd)}", file=sys.stderr)
-        return e.returncode or 1
+        return getattr(e, "returncode", None) or 1
 
 
 if __name__ == "__main__":

@@ -115,6 +115,20 @@ def summarize_run(output: str, hosts: int) -> str:
     return "absent" if states else "unknown"
 
 
+class RestartBudget:
+    """At most ``limit`` failures in any ``window`` seconds. Failures older than the window stop counting,
+    so a run that fails now and then (preemption notices days apart) never runs out of restarts, while
+    one that fails over and over stops soon."""
+
+    def __init__(self, limit: int, window: float):
+        self.limit, self.window, self.times = limit, window, []
+
+    def spend(self, now: float) -> bool:
+        """Count a failure at time ``now``; False when that makes too many within the window."""
+        self.times = [t for t in self.times if now - t < self.window] + [now]
+        return len(self.times) <= self.limit
+
+
 # -- gcloud commands -------------------------------------------------------------------------------------
 
 
@@ -164,7 +178,8 @@ def delete_command(a) -> list[str]:
     return ["gcloud", "compute", "tpus", "tpu-vm", "delete", a.name, *_where(a), "--quiet"]
 
 
-def setup_commands(a) -> list[list[str]]:
+def setup_commands(a, commit: str) -> list[list[str]]:
+    """Put exactly ``commit`` (the run's, see pbbtpu_source) on every worker, then install."""
     d = shlex.quote(a.remote_dir)
     install = f"cd {d} && bash tpu/worker_setup.sh --python {shlex.quote(a.python)}"
     if a.from_local:
@@ -174,12 +189,16 @@ def setup_commands(a) -> list[list[str]]:
         unpack = (
             f"set -euo pipefail; mkdir -p {d}; tar -xzf {REMOTE_ARCHIVE} -C {d}; rm -f {REMOTE_ARCHIVE}; "
         )
-        pack = ["git", "-C", str(ROOT), "archive", "--format=tar.gz", f"--output={archive}", "HEAD"]
+        pack = ["git", "-C", str(ROOT), "archive", "--format=tar.gz", f"--output={archive}", commit]
         return [pack, scp, ssh(a, unpack + install)]
-    repo, ref = shlex.quote(a.repo), shlex.quote(a.ref)
-    fetch = (
+    repo, ref, sha = shlex.quote(a.repo), shlex.quote(a.ref), shlex.quote(commit)
+    has = shlex.quote(f"{commit}^{{commit}}")
+    gone = shlex.quote(f"setup: commit {commit}, the one this run started with, is not in {a.repo}")
+    by_ref = "" if a.ref == commit else f" || git -C {d} fetch --quiet {repo} {ref}"
+    fetch = (  # by commit where the server allows it, else the ref (which may have moved on from it)
         f"set -euo pipefail; if [ ! -d {d}/.git ]; then git clone --quiet {repo} {d}; fi; "
-        f"git -C {d} fetch --quiet {repo} {ref}; git -C {d} checkout --quiet --force FETCH_HEAD; "
+        f"git -C {d} cat-file -e {has} 2>/dev/null || git -C {d} fetch --quiet {repo} {sha}{by_ref}; "
+        f"git -C {d} checkout --quiet --force {sha} || {{ echo {gone} >&2; exit 3; }}; "
     )
     return [ssh(a, fetch + install)]
 
