@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections import defaultdict
 
 import jax
 import numpy as np
 
 from pbbjax.formatting import IN_CONTEXT_PREFIX, Row, chat_prompt
+from pbbjax.models.sharding import batch_shards
 from pbbjax.pipeline import PipelineConfig, make_dataset, tokenize_rows
 from pbbjax.sampling import generate
 from pbbjax.tasks.base import ANSWER_MARKER, Domain, Example, Instruction, extract_answer
@@ -156,7 +158,8 @@ def generate_answers(
 
 
 def heldout_loss(eval_step, params, rows: list[Row], tokenizer, seq_len: int, batch_size: int, put) -> float:
-    """Mean completion-token loss of ``rows`` (one padded example per row)."""
+    """Mean completion-token loss of ``rows`` (one padded example per row). ``batch_size`` must split over
+    the mesh's batch shards and the hosts (``loss_batch_size``); the last batch is filled with empty rows."""
     examples = tokenize_rows(rows, tokenizer, seq_len)
     cfg = PipelineConfig(seq_len=seq_len, batch_size=batch_size, pack=False)
     num = den = 0.0
@@ -164,6 +167,13 @@ def heldout_loss(eval_step, params, rows: list[Row], tokenizer, seq_len: int, ba
         n, d = eval_step(params, put(batch))
         num, den = num + float(n), den + float(d)
     return num / max(den, 1e-9)
+
+
+def loss_batch_size(batch_size: int, mesh) -> int:
+    """``eval.batch_size`` rounded up to a multiple of the mesh's batch shards and of the hosts, so that
+    held-out loss batches split evenly over both (the sampler pads its rows the same way)."""
+    multiple = math.lcm(batch_shards(mesh), jax.process_count())
+    return -(-batch_size // multiple) * multiple
 
 
 def _meta_value(row: Row, instruction: Instruction, key: str):
@@ -232,9 +242,8 @@ def evaluate(
         if name not in curriculum.eval_sets:
             raise ValueError(f"eval.sets names {name!r}; this curriculum has {sorted(curriculum.eval_sets)}")
         rows = subsample(curriculum.eval_sets[name], cfg.max_rows)
-        loss = (
-            heldout_loss(eval_step, params, rows, tokenizer, seq_len, cfg.batch_size, put) if rows else None
-        )
+        batch = loss_batch_size(cfg.batch_size, model.mesh)
+        loss = heldout_loss(eval_step, params, rows, tokenizer, seq_len, batch, put) if rows else None
         group = "/".join(sorted({r.split for r in rows}))
         for mode in dict.fromkeys(resolve_mode(m, cot) for m in cfg.modes):
             record = {"set": name, "group": group, "mode": mode, "n": len(rows), "loss": loss}

@@ -63,7 +63,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from pbbjax.models.config import resolve_dtype
 from pbbjax.models.decoder import ACT
 from pbbjax.models.layers import rms_norm, rope_cos_sin, rope_inv_freq
-from pbbjax.models.sharding import constrain, logical_to_spec
+from pbbjax.models.sharding import batch_shards, constrain, logical_to_spec
 from pbbjax.stops import cut_at_stop, stop_token_sequences
 
 # KV cache layouts: keys [rows, kv_heads, head_dim, slots], values [rows, kv_heads, slots, head_dim].
@@ -195,7 +195,7 @@ def generate_arrays(
         raise ValueError("stop_sequences must not contain an empty sequence")
 
     rows = [list(p) for p in prompt_ids for _ in range(n)]
-    shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in _batch_mesh_axes(mesh)]))
+    shards = batch_shards(mesh)
     b = -(-len(rows) // shards) * shards
     p_len = min(_bucket(max(len(p) for p in rows)), limit - max_new_tokens)
     tokens = np.full((b, p_len), pad_id, np.int32)
@@ -267,12 +267,6 @@ def _layer_step(layer, x, cos, sin, mask, k_cache, v_cache, index):
         y = y + layer.attn.o_bias[...].astype(y.dtype)
     x = x + y
     return x + layer.mlp(rms_norm(x, layer.post_attn_norm[...], eps)), k_cache, v_cache
-
-
-def _batch_mesh_axes(mesh) -> tuple[str, ...]:
-    """The mesh axes that the logical ``batch`` axis is sharded over on ``mesh``."""
-    spec = logical_to_spec(("batch",), None, mesh)[0]
-    return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "filtered", "unstack"))

@@ -123,6 +123,15 @@ def constrain(x: jax.Array, mesh: Mesh | None, axes: Sequence[str | None]) -> ja
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, axes, x.shape))
 
 
+def batch_shards(mesh: Mesh | None) -> int:
+    """How many parts the logical ``batch`` axis is split into on ``mesh`` (1 without one)."""
+    if mesh is None:
+        return 1
+    spec = logical_to_spec(("batch",), None, mesh)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """The whole value of a (possibly sharded) array as numpy, on every process. On a pod, an array whose
     shards live on other hosts' devices is gathered (a collective: every process must call this)."""
