@@ -25,10 +25,11 @@ unprivileged user namespaces and has Landlock (5.13 or later):
   sees and that disappears with it; it may not execute files;
 - no reach into the host: its own PID namespace (it sees no process of the caller's; on Landlock ABI 6 or
   later, signals beyond the sandbox are refused too), no capabilities, no_new_privs;
-- limits: ``memory_bytes`` of address space, ``disk_bytes`` per file, 16 processes and threads, CPU
-  time (a call that spins in C past twice its time limit is killed), 1 MiB of printed text (discarded),
-  no core dumps; the caller waits at most a wall-clock bound and then kills the whole process group, and
-  the kernel kills whatever is left in the PID namespace;
+- limits: ``memory_bytes`` of address space, ``disk_bytes`` per file, no new processes (threads are
+  allowed; their stacks count against the memory limit), CPU time (a call that spins in C past twice
+  its time limit is killed), 1 MiB of printed text (discarded), no core dumps; the caller waits at most
+  a wall-clock bound and then kills the whole process group, and the kernel kills whatever is left in
+  the PID namespace;
 - a scrubbed environment (``PATH``, ``HOME``, ``TMPDIR`` only).
 Where the kernel refuses any of these, ``run_calls`` raises ``SandboxUnavailable`` naming the mechanism and
 the config field; the first refusal is remembered for the process. It never weakens by itself.
@@ -46,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -159,10 +161,15 @@ def _run_child(job: dict, wall_s: float, results_bytes: int) -> tuple[list[dict]
             cwd=directory,
             start_new_session=True,  # its own process group, killed whole on timeout
         )
+        pidfd = os.pidfd_open(proc.pid)  # readable once it exits (Popen.wait polls, adding latency)
         try:
-            code = proc.wait(timeout=wall_s)
+            exited = select.select([pidfd], [], [], wall_s)[0]
+        finally:
+            os.close(pidfd)
+        if exited:
+            code = proc.wait()
             died = None if code == 0 else _describe(code)
-        except subprocess.TimeoutExpired:
+        else:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             died = "timeout (killed)"

@@ -12,9 +12,10 @@ written as ``{"sandbox_error": ...}`` and nothing runs. In strict mode:
    When the init exits, the kernel kills whatever else is left in the namespace.
 3. That process sets resource limits, no_new_privs, a Landlock ruleset (read: the Python installation
    and the system's libraries; read and write: ``DIR/work``; execve: nowhere; when the kernel has them,
-   no TCP and no signals or abstract sockets beyond the sandbox), a seccomp filter that refuses to create
-   sockets (pathname Unix sockets are reachable through a network namespace and Landlock does not guard
-   connecting to them), and drops its capabilities.
+   no TCP and no signals or abstract sockets beyond the sandbox), a seccomp filter, and drops its
+   capabilities. The filter refuses to create sockets (pathname Unix sockets are reachable through a
+   network namespace and Landlock does not guard connecting to them) and processes (RLIMIT_NPROC does
+   not bind uid 0, which many of our machines run as); threads stay allowed.
 
 In weak mode only step 3's resource limits apply, and ``socket`` is replaced in Python: today's best
 effort, for kernels that refuse the above.
@@ -24,7 +25,6 @@ import ctypes
 import io
 import json
 import os
-import platform
 import resource
 import signal
 import sys
@@ -120,9 +120,9 @@ def landlock(work: str) -> None:
 def seccomp() -> None:
     """A filter that refuses new sockets and new processes (threads stay allowed), and kills the process on
     a foreign system call ABI."""
-    if platform.machine() not in SYSCALLS:
-        raise Refused(f"seccomp: no filter for the {platform.machine()} architecture")
-    arch, denied, clone, clone3 = SYSCALLS[platform.machine()]
+    if os.uname().machine not in SYSCALLS:
+        raise Refused(f"seccomp: no filter for the {os.uname().machine} architecture")
+    arch, denied, clone, clone3 = SYSCALLS[os.uname().machine]
     load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|JGE|JSET|K, BPF_RET
     program = [
         (load, 0, 0, 4),  # seccomp_data.arch
