@@ -79,6 +79,12 @@ def _one(body: str, *args, timeout_s: float = 0.5, **limits):
     return result
 
 
+def _libc(call: str, *args):
+    """``libc.<call>`` through ctypes, bypassing Python's checks: an error where it returns < 0."""
+    body = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    return _one(body + f"if libc.{call} < 0:\n    raise OSError(ctypes.get_errno(), 'refused')", *args)
+
+
 @pytest.fixture
 def listener():
     """A TCP server on 127.0.0.1; ``heard()`` says whether anything connected."""
@@ -161,11 +167,7 @@ def test_no_reading_credentials(tmp_path, monkeypatch):
     result = _one("import os\nreturn os.listdir(a0)", str(credentials.parent))
     assert not result.ok and "Permission denied" in result.error
     # libc's open through ctypes meets the same refusal
-    result = _one(
-        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-        "if libc.open(a0.encode(), 0) < 0:\n    raise OSError(ctypes.get_errno(), 'libc open failed')",
-        str(credentials),
-    )
+    result = _libc("open(a0.encode(), 0)", str(credentials))
     assert not result.ok and "Errno 13" in result.error
     result = _one("import os\nreturn open(f'/proc/{os.getppid()}/environ').read()")  # the parent's secrets
     assert not result.ok
@@ -233,6 +235,22 @@ def test_no_signal_reaches_the_caller():
     assert not by_ppid.ok or by_ppid.value != os.getpid()
 
 
+def test_no_reach_into_other_processes_ipc_or_keyrings():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = int.from_bytes(os.urandom(3), "little") + 1
+    shmid = libc.shmget(key, 4096, 0o1600)  # IPC_CREAT | 0600: a System V segment of the caller's
+    assert shmid >= 0
+    try:
+        assert not _libc("shmget(a0, 0, 0)", key).ok
+    finally:
+        libc.shmctl(shmid, 0, None)  # IPC_RMID
+    assert not _libc("ptrace(16, 1, 0, 0)").ok  # PTRACE_ATTACH to the namespace's init, outside Landlock
+    keyctl = 250 if os.uname().machine == "x86_64" else 219
+    assert not _libc("syscall(a0, 0, -3, 0)", keyctl).ok  # keyctl(KEYCTL_GET_KEYRING_ID, session keyring)
+
+
 def test_a_refused_mechanism_stops_every_run_until_weak_mode_is_chosen():
     if shutil.which("unshare") is None:
         pytest.skip("needs util-linux's unshare to take user namespaces away")
@@ -258,7 +276,7 @@ def test_a_refused_mechanism_stops_every_run_until_weak_mode_is_chosen():
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 3 and lines[0] == lines[1], lines  # the first refusal is remembered
-    assert "user, network, mount and PID namespaces" in lines[0] and "--config.sandbox=weak" in lines[0]
+    assert "user, network, mount, PID and IPC namespaces" in lines[0] and "--config.sandbox=weak" in lines[0]
     assert lines[2] == "weak: 1"
 
 

@@ -24,7 +24,9 @@ unprivileged user namespaces and has Landlock (5.13 or later):
   current directory, a fresh tmpfs of ``disk_bytes`` (``$HOME`` and ``$TMPDIR`` point there) that only it
   sees and that disappears with it; it may not execute files;
 - no reach into the host: its own PID namespace (it sees no process of the caller's; on Landlock ABI 6 or
-  later, signals beyond the sandbox are refused too), no capabilities, no_new_privs;
+  later, signals beyond the sandbox are refused too; Landlock refuses ptrace beyond it), its own IPC
+  namespace (no System V shared memory or message queues of the host), no kernel keyrings (seccomp), no
+  capabilities, no_new_privs;
 - limits: ``memory_bytes`` of address space, ``disk_bytes`` per file, no new processes (threads are
   allowed; their stacks count against the memory limit), CPU time (a call that spins in C past twice
   its time limit is killed), 1 MiB of printed text (discarded), no core dumps; the caller waits at most

@@ -5,7 +5,7 @@ stdout and stderr are /dev/null). It reads ``DIR/job.json``, opens ``DIR/results
 then, before the program's text is compiled, applies every mechanism; a mechanism the kernel refuses is
 written as ``{"sandbox_error": ...}`` and nothing runs. In strict mode:
 
-1. This process enters new user, network, mount and PID namespaces (mapping only its own uid and gid) and
+1. This process enters new user, network, mount, PID and IPC namespaces (mapping only its own uid and gid) and
    mounts a tmpfs of ``disk_bytes`` on ``DIR/work``, visible only inside: the one writable place, gone
    when the namespace ends.
 2. It forks the PID namespace's init, which forks the process that runs the program and waits for it.
@@ -15,7 +15,7 @@ written as ``{"sandbox_error": ...}`` and nothing runs. In strict mode:
    no TCP and no signals or abstract sockets beyond the sandbox), a seccomp filter, and drops its
    capabilities. The filter refuses to create sockets (pathname Unix sockets are reachable through a
    network namespace and Landlock does not guard connecting to them) and processes (RLIMIT_NPROC does
-   not bind uid 0, which many of our machines run as); threads stay allowed.
+   not bind uid 0, which many of our machines run as; threads stay allowed), and the kernel keyrings.
 
 In weak mode only step 3's resource limits apply, and ``socket`` is replaced in Python: today's best
 effort, for kernels that refuse the above.
@@ -35,7 +35,8 @@ LIBC.unshare.argtypes = [ctypes.c_int]
 LIBC.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 LIBC.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
 LIBC.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x20000, 0x8000000, 0x10000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
 LANDLOCK_CREATE_RULESET, LANDLOCK_ADD_RULE, LANDLOCK_RESTRICT_SELF = 444, 445, 446  # every architecture
@@ -43,10 +44,11 @@ READ_FILE, READ_DIR = 1 << 2, 1 << 3
 MAX_TASKS = 16  # processes and threads in the sandbox's user namespace (the init and the program count)
 OUTPUT_CHARS = 1 << 20  # what the program may print, in all (printed text is discarded)
 # For the seccomp filter: the audit architecture; the system calls it refuses (socket, socketpair,
-# io_uring_setup: io_uring makes and connects sockets without them; fork, vfork); clone; clone3
+# io_uring_setup: io_uring makes and connects sockets without them; add_key, request_key, keyctl: the
+# kernel keyrings are not namespaced; fork, vfork); clone; clone3
 SYSCALLS = {
-    "x86_64": (0xC000003E, (41, 53, 425, 57, 58), 56, 435),
-    "aarch64": (0xC00000B7, (198, 199, 425), 220, 435),
+    "x86_64": (0xC000003E, (41, 53, 425, 248, 249, 250, 57, 58), 56, 435),
+    "aarch64": (0xC00000B7, (198, 199, 425, 217, 218, 219), 220, 435),
 }
 
 
@@ -62,8 +64,8 @@ def _check(result: int, what: str) -> int:
 
 def enter_namespaces(work: str, disk_bytes: int) -> None:
     uid, gid = os.getuid(), os.getgid()
-    flags = CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWPID
-    _check(LIBC.unshare(flags), "user, network, mount and PID namespaces (unshare)")
+    flags = CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC
+    _check(LIBC.unshare(flags), "user, network, mount, PID and IPC namespaces (unshare)")
     for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"), ("gid_map", f"{gid} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
