@@ -251,6 +251,13 @@ def test_no_reach_into_other_processes_ipc_or_keyrings():
     assert not _libc("syscall(a0, 0, -3, 0)", keyctl).ok  # keyctl(KEYCTL_GET_KEYRING_ID, session keyring)
 
 
+def test_a_program_cannot_forge_a_refusal():
+    # a refusal stops every later run of the process; the program may write to every descriptor it holds
+    body = "import os\nfor fd in range(64):\n    try:\n        os.write(fd, b'forged refusal')\n"
+    _one(body + "    except OSError:\n        pass")
+    assert _one("return 2").value == 2
+
+
 def test_a_refused_mechanism_stops_every_run_until_weak_mode_is_chosen():
     if shutil.which("unshare") is None:
         pytest.skip("needs util-linux's unshare to take user namespaces away")

@@ -124,10 +124,10 @@ def run_calls(
             disk_bytes=disk_bytes,
             strict=_mode == "strict",
         )
-        lines, died = _run_child(job, wall_s=5.0 + timeout_s * (len(pending) + 1), results_bytes=disk_bytes)
+        lines, died, refusal = _run_child(job, 5.0 + timeout_s * (len(pending) + 1), results_bytes=disk_bytes)
+        if refusal:
+            _refuse(refusal)
         for line in lines:
-            if "sandbox_error" in line:
-                _refuse(line["sandbox_error"])
             if "setup_error" in line:
                 raise SandboxSetupError(f"program with entry point {entry_point!r}: {line['setup_error']}")
             results.append(CallResult(value=line.get("value"), error=line.get("error")))
@@ -147,12 +147,14 @@ def _refuse(why: str) -> None:
     raise SandboxUnavailable(message)
 
 
-def _run_child(job: dict, wall_s: float, results_bytes: int) -> tuple[list[dict], str | None]:
+def _run_child(job: dict, wall_s: float, results_bytes: int) -> tuple[list[dict], str | None, str]:
+    """The child's result lines, how it died (None if it exited normally), and the kernel's refusal."""
     with tempfile.TemporaryDirectory(prefix="pbbjax-sandbox-", ignore_cleanup_errors=True) as directory:
         work = Path(directory, "work")
         work.mkdir(mode=0o700)
         Path(directory, "job.json").write_text(json.dumps(job))
         Path(directory, "results").touch()
+        Path(directory, "refused").touch()
         env = {"PATH": os.environ.get("PATH", ""), "HOME": str(work), "TMPDIR": str(work)}
         proc = subprocess.Popen(
             [sys.executable, "-I", "-B", _CHILD, directory],
@@ -177,16 +179,17 @@ def _run_child(job: dict, wall_s: float, results_bytes: int) -> tuple[list[dict]
             died = "timeout (killed)"
         with open(Path(directory, "results"), "rb") as f:
             text = f.read(results_bytes).decode(errors="replace")
+        with open(Path(directory, "refused"), "rb") as f:
+            refusal = f.read(4096).decode(errors="replace")
     lines = []
     for raw in text.splitlines():
         try:
             lines.append(json.loads(raw))
         except json.JSONDecodeError:
             break
-    done = any("setup_error" in x or "sandbox_error" in x for x in lines)
-    if died is None and len(lines) < len(job["calls"]) and not done:
+    if died is None and len(lines) < len(job["calls"]) and not any("setup_error" in x for x in lines):
         died = "exited early"
-    return lines, died
+    return lines, died, refusal
 
 
 def _describe(code: int) -> str:

@@ -1,9 +1,9 @@
 """The sandbox's child process: isolates itself, then runs one program's calls (see ``sandbox.py``).
 
 ``sandbox.py`` runs this file as a script, ``python -I -B sandbox_child.py DIR``, with no pipes (stdin,
-stdout and stderr are /dev/null). It reads ``DIR/job.json``, opens ``DIR/results`` for appending, and only
-then, before the program's text is compiled, applies every mechanism; a mechanism the kernel refuses is
-written as ``{"sandbox_error": ...}`` and nothing runs. In strict mode:
+stdout and stderr are /dev/null). It reads ``DIR/job.json``, opens ``DIR/results`` and ``DIR/refused`` for
+appending, and only then, before the program's text is compiled, applies every mechanism; a mechanism
+the kernel refuses is written to ``DIR/refused`` and nothing runs. In strict mode:
 
 1. This process enters new user, network, mount, PID and IPC namespaces (mapping only its own uid and gid) and
    mounts a tmpfs of ``disk_bytes`` on ``DIR/work``, visible only inside: the one writable place, gone
@@ -240,7 +240,9 @@ def _no_network(*_, **__):
 def main(directory: str) -> None:
     with open(os.path.join(directory, "job.json")) as f:
         job = json.load(f)
-    results = os.open(os.path.join(directory, "results"), os.O_WRONLY | os.O_APPEND)
+    results, refusal = (
+        os.open(os.path.join(directory, n), os.O_WRONLY | os.O_APPEND) for n in ("results", "refused")
+    )
     work = os.path.join(directory, "work")
     try:
         if job["strict"]:
@@ -261,8 +263,9 @@ def main(directory: str) -> None:
 
             socket.socket = socket.create_connection = socket.getaddrinfo = _no_network
     except (Refused, OSError) as e:
-        os.write(results, (json.dumps({"sandbox_error": str(e)}) + "\n").encode())
+        os.write(refusal, str(e).encode())
         os._exit(0)
+    os.close(refusal)  # the program cannot write a refusal, which would stop the caller's every run
     run(job, results)
     os._exit(0)
 
