@@ -1,7 +1,7 @@
 """What the strict sandbox costs: the same work through it and through an earlier revision's sandbox.
 
 The README and issue 21 cite this. Each round runs, in turn for each sandbox: arithmetic ground truth
-(``execute_many`` of 40 programs x 20 inputs, one process), cipher ground truth (20 ciphers x 10 inputs,
+(``execute_many`` of 200 programs x 20 inputs, one process), cipher ground truth (20 ciphers x 10 inputs,
 one process each) and a leetcode screen of every kzleet solution (no disk cache; one process per
 solution, ``--workers`` at once). It prints the median time of each over the rounds:
 
@@ -45,7 +45,7 @@ def _baseline(rev: str):
 
 def _workloads(workers: int) -> dict:
     arith = get_domain("arithmetic")
-    programs = arith.instructions(40, seed=0)
+    programs = arith.instructions(200, seed=0)
     inputs = [arith.sample_inputs(p, 20, seed=0) for p in programs]
     cipher = get_domain("ciphers")
     codes = cipher.instructions(20, seed=0)
@@ -67,7 +67,7 @@ def _workloads(workers: int) -> dict:
         )
 
     return {
-        "arithmetic execute_many (40 x 20)": lambda: arith.execute_many(programs, inputs),
+        "arithmetic execute_many (200 x 20)": lambda: arith.execute_many(programs, inputs),
         "ciphers execute (20 x 10)": lambda: [
             cipher.execute(c, t) for c, t in zip(codes, texts, strict=True)
         ],
