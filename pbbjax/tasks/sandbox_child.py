@@ -41,7 +41,7 @@ MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
 LANDLOCK_CREATE_RULESET, LANDLOCK_ADD_RULE, LANDLOCK_RESTRICT_SELF = 444, 445, 446  # every architecture
 READ_FILE, READ_DIR = 1 << 2, 1 << 3
-MAX_TASKS = 16  # processes and threads in the sandbox's user namespace (the init and the program count)
+MAX_TASKS = 16  # threads (RLIMIT_NPROC; it does not bind uid 0) beside seccomp's ban on new processes
 OUTPUT_CHARS = 1 << 20  # what the program may print, in all (printed text is discarded)
 # For the seccomp filter: the audit architecture; the system calls it refuses (socket, socketpair,
 # io_uring_setup: io_uring makes and connects sockets without them; add_key, request_key, keyctl: the
@@ -66,9 +66,16 @@ def enter_namespaces(work: str, disk_bytes: int) -> None:
     uid, gid = os.getuid(), os.getgid()
     flags = CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC
     _check(LIBC.unshare(flags), "user, network, mount, PID and IPC namespaces (unshare)")
-    for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"), ("gid_map", f"{gid} {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as f:
-            f.write(text)
+    try:
+        for name, text in (
+            ("uid_map", f"{uid} {uid} 1"),
+            ("setgroups", "deny"),
+            ("gid_map", f"{gid} {gid} 1"),
+        ):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    except OSError as e:
+        raise Refused(f"mapping the user namespace's uid and gid: {e}") from e
     options = f"size={disk_bytes},mode=0700".encode()
     _check(
         LIBC.mount(b"tmpfs", work.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, options),
@@ -91,6 +98,8 @@ def set_limits(job: dict) -> None:
         (resource.RLIMIT_CPU, cpu_s),
         (resource.RLIMIT_NPROC, MAX_TASKS),
     ):
+        hard = resource.getrlimit(limit)[1]
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)  # never above the host's
         resource.setrlimit(limit, (value, value))
 
 
@@ -99,33 +108,33 @@ def _syscall(number: int, *args) -> int:
 
 
 def landlock(work: str) -> None:
-    syscall = _syscall
-    abi = _check(syscall(LANDLOCK_CREATE_RULESET, None, 0, 1), "Landlock (Linux >= 5.13)")
+    abi = _check(_syscall(LANDLOCK_CREATE_RULESET, None, 0, 1), "Landlock (Linux >= 5.13)")
     fs = (1 << {1: 13, 2: 14, 3: 15, 4: 15}.get(abi, 16)) - 1  # every filesystem right of this ABI
     # handled_access_fs, handled_access_net (TCP bind, connect: ABI 4), scoped (signals, sockets: ABI 6)
     attr = (ctypes.c_uint64 * 3)(fs, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)
     size = 24 if abi >= 6 else 16 if abi >= 4 else 8
-    ruleset = _check(syscall(LANDLOCK_CREATE_RULESET, attr, size, 0), "Landlock ruleset")
+    ruleset = _check(_syscall(LANDLOCK_CREATE_RULESET, attr, size, 0), "Landlock ruleset")
     prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     readable = [*prefixes, "/usr", "/lib", "/lib64", "/etc/ld.so.cache"]
     rules = [(p, READ_FILE | (READ_DIR if os.path.isdir(p) else 0)) for p in readable if os.path.exists(p)]
     for path, access in [*rules, (work, fs & ~1)]:  # bit 0: execute
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
         rule = (ctypes.c_uint8 * 12).from_buffer_copy(access.to_bytes(8, "little") + fd.to_bytes(4, "little"))
-        _check(syscall(LANDLOCK_ADD_RULE, ruleset, 1, rule, 0), f"Landlock rule for {path}")
+        _check(_syscall(LANDLOCK_ADD_RULE, ruleset, 1, rule, 0), f"Landlock rule for {path}")
         os.close(fd)
     _check(LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs (prctl)")
-    _check(syscall(LANDLOCK_RESTRICT_SELF, ruleset, 0), "Landlock (restrict_self)")
+    _check(_syscall(LANDLOCK_RESTRICT_SELF, ruleset, 0), "Landlock (restrict_self)")
     os.close(ruleset)
 
 
 def seccomp() -> None:
-    """A filter that refuses new sockets and new processes (threads stay allowed), and kills the process on
-    a foreign system call ABI."""
+    """A filter that refuses new sockets, new processes (threads stay allowed) and the kernel keyrings, and
+    kills the process on a foreign system call ABI (x86_64's i386 one, say)."""
     if os.uname().machine not in SYSCALLS:
         raise Refused(f"seccomp: no filter for the {os.uname().machine} architecture")
     arch, denied, clone, clone3 = SYSCALLS[os.uname().machine]
     load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|JGE|JSET|K, BPF_RET
+    allow, eperm, enosys, kill = 0x7FFF0000, 0x00050001, 0x00050026, 0x80000000  # ERRNO: 0x00050000 | errno
     program = [
         (load, 0, 0, 4),  # seccomp_data.arch
         (jeq, 0, "kill", arch),
@@ -136,28 +145,15 @@ def seccomp() -> None:
         (jeq, 0, "allow", clone),
         (load, 0, 0, 16),  # clone's flags (the low half of args[0])
         (jset, "allow", "eperm", 0x10000),  # CLONE_THREAD
-        "allow",
-        (ret, 0, 0, 0x7FFF0000),
-        "eperm",
-        (ret, 0, 0, 0x00050001),
-        "enosys",
-        (ret, 0, 0, 0x00050026),
-        "kill",
-        (ret, 0, 0, 0x80000000),
+        *[(ret, 0, 0, action) for action in (allow, eperm, enosys, kill)],
     ]
-    where, index = {}, 0
-    for item in program:
-        if isinstance(item, str):
-            where[item] = index
-        else:
-            index += 1
-    code = [item for item in program if not isinstance(item, str)]
+    where = {label: len(program) - 4 + i for i, label in enumerate(("allow", "eperm", "enosys", "kill"))}
     raw = b""
-    for i, (op, jt, jf, k) in enumerate(code):
+    for i, (op, jt, jf, k) in enumerate(program):
         jt, jf = (where[j] - i - 1 if isinstance(j, str) else j for j in (jt, jf))
         raw += op.to_bytes(2, "little") + bytes([jt, jf]) + k.to_bytes(4, "little")
     filters = ctypes.create_string_buffer(raw, len(raw))
-    fprog = (ctypes.c_uint64 * 2)(len(code), ctypes.addressof(filters))  # sock_fprog: length, pointer
+    fprog = (ctypes.c_uint64 * 2)(len(program), ctypes.addressof(filters))  # sock_fprog: length, pointer
     _check(LIBC.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0), "seccomp (prctl)")
 
 
