@@ -54,7 +54,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,6 @@ MODES = ("strict", "weak")
 _CHILD = str(Path(__file__).with_name("sandbox_child.py"))
 _mode = "strict"
 _refused: dict[str, str] = {}  # mode -> why the kernel refused it, found by the first run in this process
-_refused_lock = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +140,7 @@ def _refuse(why: str) -> None:
         "without it. To run them anyway in a plain subprocess with resource limits only (no network, "
         "filesystem or host isolation), set the config field 'sandbox' to 'weak' (--config.sandbox=weak)."
     )
-    with _refused_lock:
-        _refused.setdefault(_mode, message)
+    _refused.setdefault(_mode, message)  # atomic: screening threads may get here together
     raise SandboxUnavailable(message)
 
 
