@@ -10,6 +10,8 @@ A config is an ``ml_collections.ConfigDict`` with the sections:
 - ``mesh``: ``data``, ``fsdp``, ``tensor`` sizes (-1 = the remaining devices)
 - ``compile_only_topology``: a TPU topology or pod to only compile the run's steps for (``pbbjax.aot``);
   ``model.config_file`` then gives the model's shape (the paper presets ship ``pbbjax/model_configs/*.json``)
+- ``sandbox``: how programs from data run (``pbbjax.tasks.sandbox``): "strict" (the default; refuses to run
+  where the kernel lacks a mechanism) or "weak" (a subprocess with resource limits only)
 - ``demo``: the prompt the main job answers until the trainer exists
 """
 
@@ -26,6 +28,7 @@ from pbbjax.evaluation import EvalConfig
 from pbbjax.pipeline import PipelineConfig
 from pbbjax.presets import MODELS, apply_paper
 from pbbjax.tasks.base import _REGISTRY, get_domain
+from pbbjax.tasks.sandbox import set_mode as set_sandbox_mode
 from pbbjax.training.grpo import GRPOConfig
 from pbbjax.training.sft import OptimConfig
 
@@ -75,6 +78,7 @@ def base_config(curriculum: str, **data_overrides) -> ml_collections.ConfigDict:
     c.data = {**_dataclass_dict(CurriculumConfig), **data_overrides}
     c.pipeline = _dataclass_dict(PipelineConfig)
     c.workdir = ""  # "" = runs/<curriculum>-<domain>-seed<seed>
+    c.sandbox = "strict"  # "weak": run programs from data without namespaces, Landlock and seccomp
     c.distributed = "auto"  # "auto" (initialize when launched on a pod / cluster), "on", "off"
     c.cluster = dict(CLUSTER_DEFAULTS)  # coordinator, process count and id (pbbjax.distributed)
     # A TPU topology ("v5p:4x4x2") or pod ("v5p-64"): only compile the steps for it and report (pbbjax.aot)
@@ -177,6 +181,7 @@ def select_preset(c: ml_collections.ConfigDict, preset: str | None) -> ml_collec
 
 
 def domain_of(c: ml_collections.ConfigDict):
+    set_sandbox_mode(c.sandbox)
     if c.domain not in c.domain_options:
         raise ValueError(
             f"unknown domain {c.domain!r} (config field 'domain'); domains: "

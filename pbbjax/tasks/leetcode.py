@@ -10,7 +10,7 @@ every input profile; a profile is kept for it if enough of those inputs run with
 probe time limit, and its inputs are drawn from kept profiles only. Solutions that fail to load, loop,
 raise or return non-JSON values are excluded, logged and listed by ``LeetcodeDomain.report()``. Screens
 are cached per process and on disk (``$PBBJAX_CACHE_DIR``, else ``~/.cache/pbbjax``), keyed by all that
-decides them: the solutions' text, the options and the Python version.
+decides them: the solutions' text, the options, the Python version and the sandbox mode.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from pbbjax.tasks.leetcode_inputs import (
     parse_type,
     stable_rng,
 )
-from pbbjax.tasks.sandbox import SandboxSetupError, run_calls
+from pbbjax.tasks.sandbox import SandboxSetupError, current_mode, run_calls
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ def screen(
     settings = dict(
         format=_SCREEN_FORMAT,
         python=sys.version_info[:2],
+        sandbox=current_mode(),
         samples=samples,
         min_success=min_success,
         timeout_s=timeout_s,
