@@ -99,9 +99,15 @@ def command_of(run: Run, preset: str, overrides: dict) -> str:
     return f"python -m pbbjax.train --config configs/{run.config}.py:{run_preset(run, preset)} {flags}"
 
 
+# Fields that say where and how a run executes, not what it computes: left out of the digest, so that a
+# study's committed results stay valid when such a field is added or set (a pod, a weaker sandbox).
+NOT_DIGESTED = ("workdir", "cluster", "sandbox")
+
+
 def digest(config) -> str:
     d = json.loads(config.to_json_best_effort(sort_keys=True))
-    d.pop("workdir", None)
+    for field in NOT_DIGESTED:
+        d.pop(field, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

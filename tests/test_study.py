@@ -3,6 +3,7 @@ well-formed outputs, resumption after a kill, and the report's statistics agains
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from pbbjax import study as study_mod
 from pbbjax.studies import STUDIES, Arm
 from pbbjax.study_report import aggregate, exchange_rate_estimate, report, seed_interval
 from pbbjax.training.checkpoint import Checkpointer
+
+ROOT = Path(__file__).parent.parent
 
 
 def run_tiny(name, tmp_path, *extra, seeds=1):
@@ -199,3 +202,15 @@ def test_study_compile_only_on_a_tpu_topology(capsys):
 @pytest.mark.slow
 def test_paper_scale_study_compiles_on_its_pod():
     assert study_mod.main(["exchange-rate", "--preset", "qwen3-0.6b,v5e-4", "--compile-only", "v5e:2x2"]) == 0
+
+
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in (ROOT / "results").glob("*/cpu")))
+def test_committed_cpu_results_match_todays_configs(name):
+    """Each committed ``results/<study>/cpu`` record was written by the config the study builds today
+    (its digest), so ``--report-only`` and resuming still accept them; a preset change must move them."""
+    runner = study_mod.StudyRunner(STUDIES[name], "cpu", 1, ROOT / "results" / name / "cpu", ROOT / "runs")
+    for run in STUDIES[name].runs:
+        for path in sorted((ROOT / "results" / name / "cpu" / "runs" / run.name).glob("seed*.json")):
+            seed = int(path.stem.removeprefix("seed"))
+            saved = json.loads(path.read_text())["config_digest"]
+            assert saved == study_mod.digest(runner.config(run, seed)), path
