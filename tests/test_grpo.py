@@ -191,3 +191,27 @@ def test_grpo_on_a_mesh_matches_one_device(hf_dirs):
     # moves the update by a visible fraction of the learning rate (3e-3): compare at 1e-4.
     for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(sharded["params"]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+
+
+def test_rollouts_end_with_the_eos_token_the_policy_sampled(hf_dirs):
+    """With several EOS ids (Llama 3 Instruct: <|eot_id|> and <|end_of_text|>), a rollout that ended is
+    trained on the EOS it sampled, not on the first id of the list. Near-greedy sampling makes the sampled
+    token the argmax of an independent full forward pass over the prompt and the completion before it."""
+    model, _ = load_model(hf_dirs["llama_gqa"][1])
+    graphdef, params = nnx.split(model)
+    eos_ids = tuple(range(1, 64))  # about half the vocabulary: rows end within a few tokens
+    cfg = GRPOConfig(num_generations=2, prompts_per_step=4, max_new_tokens=6, temperature=1e-4)
+    optimizer, schedule = grpo_optimizer(sft.OptimConfig(), cfg, 1)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(64, 128, size=n).tolist() for n in (3, 5, 7, 4)]
+    stepper = GRPOStepper(
+        graphdef, cfg, optimizer, schedule, None, None, prompts=prompts, reward_fn=None, eos_ids=eos_ids,
+        pad_id=0, seed=3,
+    )  # fmt: skip
+    tasks, completions, logps = stepper.rollout(params, 0)
+    ended = [(t, c) for t, c, lp in zip(tasks, completions, logps, strict=True) if len(c) == len(lp) + 1]
+    assert len({c[-1] for _, c in ended}) > 1, "several different EOS tokens were sampled"
+    for task, completion in ended:
+        ids = np.asarray([prompts[task] + completion[:-1]], np.int32)
+        expected = int(np.argmax(np.asarray(model(ids))[0, -1]))
+        assert completion[-1] == expected in eos_ids
