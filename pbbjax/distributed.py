@@ -73,12 +73,15 @@ def initialize(mode: str = "auto", cluster: dict | None = None) -> bool:
     index = c["process_id"] if c["process_id"] >= 0 else _env_int("JAX_PROCESS_ID")
     if count is not None and index is not None and not 0 <= index < count:
         raise ValueError(f"process id {index} is not in [0, {count}) (cluster.process_id, JAX_PROCESS_ID)")
+    timeout = int(c["initialization_timeout_s"])
+    if address and index:  # process 0 serves the coordinator; the others must reach it first
+        _wait_for_coordinator(address, index, count, timeout)
     try:
         jax.distributed.initialize(
             coordinator_address=address,
             num_processes=count,
             process_id=index,
-            initialization_timeout=int(c["initialization_timeout_s"]),
+            initialization_timeout=timeout,
             heartbeat_timeout_seconds=int(c["heartbeat_timeout_s"]),
         )
     except Exception as e:
@@ -87,6 +90,28 @@ def initialize(mode: str = "auto", cluster: dict | None = None) -> bool:
             f"within cluster.initialization_timeout_s={c['initialization_timeout_s']} s: {e}"
         ) from e
     return True
+
+
+def _wait_for_coordinator(address: str, index: int, count: int | None, timeout: float) -> None:
+    """Until the coordinator accepts a TCP connection; a clear error after ``timeout`` seconds (JAX itself
+    aborts the process with a C++ fatal error there, which names neither the address nor the setting)."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=5):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"process {index} of {count} could not join the pod through the coordinator at "
+                    f"{address} within cluster.initialization_timeout_s={timeout} s ({e}); is process 0 "
+                    "running, and is cluster.coordinator_address / JAX_COORDINATOR_ADDRESS right?"
+                ) from None
+            time.sleep(0.5)
 
 
 def same_on_every_host(value: str | int, what: str) -> None:

@@ -75,6 +75,23 @@ def kill(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
     proc.wait(timeout=60)
 
 
+def pod_processes(marker: str) -> dict[int, str]:
+    """{pid: JAX_PROCESS_ID} of the running processes whose command line holds ``marker``."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours
+            continue
+        ids = [e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"JAX_PROCESS_ID=")]
+        if marker.encode() in cmdline and ids and b"pbbjax.train" in cmdline:
+            out[int(proc.name)] = ids[0]
+    return out
+
+
 def tensors(hf_dir: Path) -> dict[str, np.ndarray]:
     index = hf_dir / "model.safetensors.index.json"
     files = (

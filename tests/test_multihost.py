@@ -6,6 +6,7 @@ Every pod command runs under a timeout, so a hang fails the test instead of bloc
 """
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from multihost_helpers import (
     env,
     kill,
     losses,
+    pod_processes,
     run_pod,
     start_pod,
     wait_for_checkpoint,
@@ -131,25 +133,15 @@ def test_preemption_then_a_dead_host_then_resume_bitwise(runs, tmp_path):
 
     proc = start_pod(2, 4, "pbbjax.train", *TINY, f"--config.workdir={work}")
     wait_for_checkpoint(work, proc, saved + 1)
-    pids = subprocess.run(["pgrep", "-f", f"--config.workdir={work}"], capture_output=True, text=True)
-    host1 = [int(p) for p in pids.stdout.split() if _process_id(int(p)) == "1"]
-    assert host1, pids.stdout
+    host1 = [pid for pid, index in pod_processes(f"--config.workdir={work}").items() if index == "1"]
+    assert len(host1) == 1
     t0 = time.monotonic()
-    subprocess.run(["kill", "-9", *map(str, host1)], check=True)
+    os.kill(host1[0], signal.SIGKILL)
     proc.wait(timeout=120)
     assert proc.returncode != 0 and time.monotonic() - t0 < 90
 
     train(2, 4, work)
     assert_equal_tensors(work / FINAL, pod / FINAL)
-
-
-def _process_id(pid: int) -> str | None:
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    found = [e for e in environ if e.startswith(b"JAX_PROCESS_ID=")]
-    return found[0].split(b"=", 1)[1].decode() if found else None
 
 
 def test_a_corrupted_shard_on_one_host_falls_back_on_both(runs, tmp_path):
