@@ -10,7 +10,8 @@ none of this is needed, ``jax.distributed.initialize()`` finds the TPU hosts its
 Process 0's output passes through; every other process's lines are prefixed with ``[process i]``. When
 one process fails, the others get ``--grace`` seconds to fail too (a collective they wait in times out on
 its own) and are then killed, so a dead host never leaves the rest hanging. SIGTERM and SIGINT are
-forwarded to every process (how a preempted pod is told to save and stop). The exit status is the first
+forwarded to every process (how a preempted pod is told to save and stop); if the launcher itself is
+killed, the kernel kills every process (Linux's parent-death signal). The exit status is the first
 failing process's, else 0.
 """
 
@@ -24,6 +25,14 @@ import subprocess
 import sys
 import threading
 import time
+
+# Each process is started through this: it asks the kernel to SIGKILL it when the launcher dies (even by
+# SIGKILL, which the launcher cannot forward), then becomes the command. No orphaned hosts keep running.
+_DIE_WITH_LAUNCHER = (
+    "import ctypes, os, signal, sys; "
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL); "  # 1: PR_SET_PDEATHSIG
+    "os.execvp(sys.argv[1], sys.argv[1:])"
+)
 
 
 def free_port() -> int:
@@ -73,7 +82,7 @@ def run(
     procs, pumps = [], []
     for i in range(processes):
         p = subprocess.Popen(
-            command,
+            [sys.executable, "-c", _DIE_WITH_LAUNCHER, *command],
             env=process_env(i, processes, devices, address, env),
             cwd=cwd,
             stdout=subprocess.PIPE,
