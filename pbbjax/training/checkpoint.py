@@ -85,12 +85,20 @@ def _checksum_all(arrays):
 
 
 def _checksums(tree) -> dict[str, list]:
-    """{keystr: [dtype, checksum]} for every array leaf, in one device program: on a pod each checksum is
-    a collective, and several collective programs in flight at once can deadlock XLA:CPU's gloo."""
+    """{keystr: [dtype, checksum]} for every array leaf: one device program per set of devices the leaves
+    live on, each finished before the next starts. On a pod each checksum is a collective, and several
+    collective programs in flight at once can deadlock XLA:CPU's gloo."""
     leaves = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    leaves = [(k, x) for k, x in leaves if isinstance(x, jax.Array | np.ndarray)]
-    sums = to_host(_checksum_all([x for _, x in leaves])) if leaves else []
-    return {k: [str(x.dtype), int(s)] for (k, x), s in zip(leaves, sums, strict=True)}
+    leaves = [(k, jnp.asarray(x) if isinstance(x, np.ndarray) else x) for k, x in leaves]
+    groups: dict[frozenset, list] = {}
+    for k, x in leaves:
+        if isinstance(x, jax.Array):
+            groups.setdefault(frozenset(d.id for d in x.sharding.device_set), []).append((k, x))
+    out = {}
+    for _, group in sorted(groups.items(), key=lambda g: sorted(g[0])):  # the same order on every host
+        sums = to_host(_checksum_all([x for _, x in group]))
+        out |= {k: [str(x.dtype), int(s)] for (k, x), s in zip(group, sums, strict=True)}
+    return out
 
 
 def _normalise(d: dict) -> dict:
