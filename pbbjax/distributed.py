@@ -33,10 +33,10 @@ CLUSTER_DEFAULTS = dict(
 def launched_process_index() -> int:
     """This process's index in a pod as its launcher says (``JAX_PROCESS_ID``; a TPU VM's
     ``TPU_WORKER_ID``), without joining the pod; 0 outside one. For host-side tools that one host runs."""
-    for name in ("JAX_PROCESS_ID", "TPU_WORKER_ID"):
-        if (value := _env_int(name)) is not None:
-            return value
-    return 0
+    if (value := _env_int("JAX_PROCESS_ID")) is not None:
+        return value
+    worker = os.environ.get("TPU_WORKER_ID", "")  # libtpu may fill it with a warning text off a TPU VM
+    return int(worker) if worker.isdigit() else 0
 
 
 def _detected() -> bool:

@@ -85,7 +85,7 @@ def test_sharded_sampler_equals_single_device(hf_dirs, shape, monkeypatch):
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
-        seen.append(out[0].sharding)
+        seen.append((getattr(args[2], "sharding", None), out[0].sharding))  # prompt tokens in, tokens out
         return out
 
     monkeypatch.setattr(sampling, "_generate", spy)
@@ -100,9 +100,11 @@ def test_sharded_sampler_equals_single_device(hf_dirs, shape, monkeypatch):
         assert got.steps == want.steps
         np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
     batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-    spec = seen[-1].spec[0]
+    rows_in, rows_out = seen[-1]
+    spec = rows_in.spec[0]
     assert (spec if isinstance(spec, tuple) else (spec,)) == batch_axes  # the rows were sharded
-    assert seen[-1].mesh.shape == mesh.shape
+    assert rows_in.mesh.shape == mesh.shape
+    assert rows_out.is_fully_replicated  # and every host can read every row of the result
 
 
 def test_params_in_place_and_no_recompile(hf_dirs):

@@ -213,7 +213,9 @@ def test_memory_cpu_and_output_are_bounded():
     assert not result.ok and result.error.startswith("MemoryError")
     start = time.perf_counter()
     result = _one("return sum(range(10**12))", timeout_s=0.3)  # a loop in C: no Python-level timeout
-    assert result.error == "process died: killed by SIGPROF (CPU time limit)"
+    # the CPU-time limit stops it, or on a loaded machine (less CPU time per second) the wall-clock kill
+    stopped = ("process died: killed by SIGPROF (CPU time limit)", "process died: killed by SIGKILL")
+    assert result.error in stopped
     assert time.perf_counter() - start < 5
     result = _one("for _ in range(1000):\n    print('x' * 10**6)")  # 1 GB of printing
     assert not result.ok and "printed more than" in result.error
@@ -317,6 +319,7 @@ ALLOWED = {
     ("pbbjax/tasks/sandbox_child.py", "ctypes"): "the kernel calls that build the sandbox",
     ("pbbjax/study.py", "exec_module"): "loads configs/*.py, code the user names on the command line",
     ("pbbjax/export.py", "ctypes"): "calls libc's mallopt, a fixed function with fixed arguments",
+    ("pbbjax/local_pod.py", "subprocess"): "starts the user's own command as the hosts of a simulated pod",
 }
 RUNS_CODE = {"exec", "eval", "compile", "__import__", "breakpoint", "exec_module", "system", "popen"}
 RUNS_CODE_PREFIXES = ("exec", "spawn", "posix_spawn")  # os.execv, os.spawnl, ...
