@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from absl import app, flags
@@ -30,11 +29,11 @@ def model_from_checkpoint(source: Path, step_dir: Path, config, mesh):
     directory, each restored straight into its shard (no base weights are read)."""
     import jax
     import orbax.checkpoint as ocp
-    from etils import epath
     from flax import nnx
 
     from pbbjax.models.config import ModelConfig
     from pbbjax.models.hf_io import abstract_model
+    from pbbjax.storage import orbax_path
 
     cfg = ModelConfig.from_dir(
         source,
@@ -49,7 +48,7 @@ def model_from_checkpoint(source: Path, step_dir: Path, config, mesh):
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
     args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
     with ocp.PyTreeCheckpointer() as ckptr:
-        params = ckptr.restore(epath.Path(os.path.abspath(step_dir)) / "state", args=args)["params"]
+        params = ckptr.restore(orbax_path(step_dir) / "state", args=args)["params"]
     return nnx.merge(graphdef, params)
 
 

@@ -45,7 +45,7 @@ from pbbjax.models.decoder import Transformer
 from pbbjax.models.hf_io import TOKENIZER_FILES as _TOKENIZER_CORE
 from pbbjax.models.hf_io import _replace_dir, hf_config_dict
 from pbbjax.models.hf_weights import hf_shape, param_table, save_tensors_streaming, to_hf
-from pbbjax.storage import is_remote
+from pbbjax.storage import is_remote, orbax_path
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Checkpoint:
 def _read_json_item(step_dir: Path, item: str) -> dict | None:
     """The JSON item ``meta`` or ``info`` of a checkpoint; None when it cannot be read."""
     try:
-        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(epath.Path(step_dir / item))
+        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(orbax_path(step_dir / item))
     except Exception as e:  # reported by the caller where it matters
         log.debug("cannot read %s of %s: %s", item, step_dir, e)
         return None
@@ -121,7 +121,7 @@ def _list(root: Path) -> list[Checkpoint]:
     """The committed checkpoints in ``root`` (Orbax lists no half-written step)."""
     stage_end = root.parent.name == "stage_ends"
     out = []
-    for step in sorted(ocp.utils.checkpoint_steps(epath.Path(root))):
+    for step in sorted(ocp.utils.checkpoint_steps(orbax_path(root))):
         meta = _read_json_item(root / str(step), "meta") or {}
         stage = meta.get("stage", root.name if stage_end else None)
         out.append(Checkpoint(root / str(step), stage, None if stage_end else step, meta.get("stage_step")))
@@ -226,7 +226,7 @@ class CheckpointArrays:
         if name not in self._stores:
             info = ocp.type_handlers.ParamInfo(
                 name=name,
-                parent_dir=epath.Path(self.step_dir / "state"),
+                parent_dir=orbax_path(self.step_dir / "state"),
                 use_zarr3=self._zarr3,
                 ts_context=self._context,
             )

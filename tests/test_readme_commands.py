@@ -1,0 +1,69 @@
+"""The README's commands as a user types them, from a fresh directory with relative paths (the tiny preset
+where the README shows the CPU one): each succeeds, and the export CLI writes exactly the runner's own
+export."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+ROOT = Path(__file__).parent.parent
+WORKDIR = "runs/proactive-arithmetic-seed0"  # the README's (relative) default workdir
+
+
+def _command(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # as a user's shell has it
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", *args]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, " ".join(args) + "\n" + done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def here(tmp_path_factory) -> Path:
+    """A fresh directory holding the configs, where the main job has run."""
+    here = tmp_path_factory.mktemp("user")
+    shutil.copytree(ROOT / "configs", here / "configs")
+    done = _command(here, "pbbjax.train", "--config", "configs/proactive.py:tiny")
+    assert "accuracy" in done.stdout and f"plot: {WORKDIR}/plots/accuracy_by_stage.png" in done.stdout
+    return here
+
+
+def test_evaluate_an_orbax_stage_and_an_export_with_relative_paths(here):
+    cfg = ["--config", "configs/proactive.py:tiny"]
+    _command(here, "pbbjax.evaluate", *cfg, "--checkpoint", WORKDIR, "--stage", "stage1")
+    records = json.loads((here / WORKDIR / "evaluations/stage1-step7/results.json").read_text())["records"]
+    run = json.loads((here / WORKDIR / "results.json").read_text())["records"]
+    run = {(r["after"], r["set"]): r for r in run}
+    for r in records:  # the parameters the run evaluated at the end of stage 1
+        assert r["loss"] == pytest.approx(run[("stage1", r["set"])]["loss"], rel=1e-5)
+    _command(here, "pbbjax.evaluate", *cfg, "--checkpoint", f"{WORKDIR}/export/stage2")
+    records = json.loads((here / WORKDIR / "export/stage2/evaluation/results.json").read_text())["records"]
+    for r in records:
+        assert r["loss"] == pytest.approx(run[("stage2", r["set"])]["loss"], rel=1e-5)
+
+
+def test_export_with_relative_paths_equals_the_runners_own_export(here):
+    _command(here, "pbbjax.export", "--checkpoint", WORKDIR, "--out", "hf-stage2")
+    ours, runner = here / "hf-stage2", here / WORKDIR / "export" / "stage2"
+    files = sorted(p.name for p in runner.iterdir() if p.name != "evaluation")  # evaluate's, if it ran first
+    assert sorted(p.name for p in ours.iterdir()) == files
+    got, want = load_file(ours / "model.safetensors"), load_file(runner / "model.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name]), name
+    for name in files:
+        if name != "model.safetensors":  # the safetensors header may order its entries differently
+            assert (ours / name).read_bytes() == (runner / name).read_bytes(), name
+
+
+def test_data_with_a_relative_out(here):
+    _command(here, "pbbjax.data", "--config", "configs/proactive.py:tiny", "--out", "pbb-data")
+    assert json.loads((here / "pbb-data" / "summary.json").read_text())
