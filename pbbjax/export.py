@@ -39,6 +39,7 @@ import tensorstore as ts
 from etils import epath
 from flax import nnx
 
+from pbbjax import console
 from pbbjax.distributed import launched_process_index
 from pbbjax.models.config import DTYPES, ModelConfig, resolve_dtype
 from pbbjax.models.decoder import Transformer
@@ -361,7 +362,7 @@ def _export(checkpoint, out, stage, step, model, dtype, max_shard_bytes, block_b
     found, workdir = find_checkpoints(checkpoint)
     picked = select_checkpoint(found, _as_path(checkpoint), stage, step)
     source = _source_dir(model, workdir, scratch)
-    log.info("exporting %s with the config and tokenizer of %s", picked, source)
+    print(f"exporting {picked} with the config and tokenizer of {source}")
     generation = source / "generation_config.json"
     generation = json.loads(generation.read_text()) if generation.is_file() else {}
     cfg = ModelConfig.from_dir(source, generation_config=generation)
@@ -391,7 +392,7 @@ def _export(checkpoint, out, stage, step, model, dtype, max_shard_bytes, block_b
         for file in TOKENIZER_FILES:  # verbatim: no need to load transformers (and torch) to re-save them
             if (source / file).is_file():
                 shutil.copy2(source / file, tmp / file)
-    log.info("wrote %d tensors (%s) to %s", len(specs), cfg.param_dtype, out)
+    print(f"wrote {len(specs)} tensors ({cfg.param_dtype}) to {out}")
     return Path(out)
 
 
@@ -415,7 +416,9 @@ def main(argv: list[str] | None = None) -> None:
     arg("--model", help="the HF directory the run started from (default: <workdir>/source_model)")
     arg("--dtype", choices=sorted(DTYPES), help="the exported dtype (default: the checkpoint's)")
     arg("--max-shard-bytes", type=int, default=2 * 1024**3, help="safetensors shard size (default 2 GiB)")
+    arg("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = vars(parser.parse_args(argv))
+    console.configure(args.pop("verbose"))
     if args["max_shard_bytes"] <= 0:
         parser.error("--max-shard-bytes must be positive")
     if (index := launched_process_index()) != 0:  # a host-side tool: one host of a pod writes
@@ -423,8 +426,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     jax.config.update("jax_platforms", "cpu")  # never claims an accelerator a run may be using
     _return_freed_buffers_to_the_os()
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         export_checkpoint(args.pop("checkpoint"), args.pop("out"), **args)
     except ExportError as e:
