@@ -1,6 +1,7 @@
 """The README's commands as a user types them, from a fresh directory with relative paths (the tiny preset
 where the README shows the CPU one): each succeeds, the export CLI writes exactly the runner's own export,
-and the console carries no INFO-level log unless ``--verbose`` asks for it."""
+the console carries no INFO-level log unless ``--verbose`` asks for it, and the table shows the guessing
+floor."""
 
 import json
 import os
@@ -40,7 +41,13 @@ def here(tmp_path_factory) -> Path:
     shutil.copytree(ROOT / "configs", here / "configs")
     done = _command(here, "pbbjax.train", "--config", "configs/proactive.py:tiny")
     assert not INFO.findall(done.stderr), done.stderr[-3000:]
-    assert "accuracy" in done.stdout and f"plot: {WORKDIR}/plots/accuracy_by_stage.png" in done.stdout
+    assert f"plot: {WORKDIR}/plots/accuracy_by_stage.png" in done.stdout
+    # the table shows each set's guessing floor, as recorded in results.json
+    table = done.stdout[done.stdout.index("after ") :].splitlines()
+    assert table[0].split()[-3:] == ["accuracy", "ci95", "floor"]
+    records = json.loads((here / WORKDIR / "results.json").read_text())["records"]
+    floors = [line.split()[-1] for line in table[2 : 2 + len(records)]]
+    assert floors == [f"{r['floor']:.4f}" for r in records]
     return here
 
 
