@@ -15,10 +15,13 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from pbbjax import console
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "a configs/*.py file, optionally :preset", lock_config=True
 )
 _OUT = flags.DEFINE_string("out", None, "output directory (replaced whole)")
+_VERBOSE = flags.DEFINE_bool("verbose", False, console.VERBOSE_HELP)
 
 
 def build(config):
@@ -97,6 +100,7 @@ def format_table(summary: list[dict]) -> str:
 
 def main(argv):
     del argv
+    console.configure(_VERBOSE.value)
     import pbbjax
     from pbbjax.models.hf_io import load_tokenizer, resolve_model_dir
 

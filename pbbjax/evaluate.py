@@ -11,18 +11,19 @@ the table and writes ``results.json`` (the records) and the plots to ``--out`` (
 from __future__ import annotations
 
 import json
-import logging
-import os
 from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from pbbjax import console
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally :preset")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "an HF model directory or a run's Orbax checkpoint")
 _STAGE = flags.DEFINE_string("stage", None, "Orbax: the newest checkpoint of this stage")
 _STEP = flags.DEFINE_integer("step", None, "Orbax: the checkpoint of this global step")
 _OUT = flags.DEFINE_string("out", None, "where results.json and plots/ go")
+_VERBOSE = flags.DEFINE_bool("verbose", False, console.VERBOSE_HELP)
 
 
 def model_from_checkpoint(source: Path, step_dir: Path, config, mesh):
@@ -30,11 +31,11 @@ def model_from_checkpoint(source: Path, step_dir: Path, config, mesh):
     directory, each restored straight into its shard (no base weights are read)."""
     import jax
     import orbax.checkpoint as ocp
-    from etils import epath
     from flax import nnx
 
     from pbbjax.models.config import ModelConfig
     from pbbjax.models.hf_io import abstract_model
+    from pbbjax.storage import orbax_path
 
     cfg = ModelConfig.from_dir(
         source,
@@ -49,7 +50,7 @@ def model_from_checkpoint(source: Path, step_dir: Path, config, mesh):
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
     args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
     with ocp.PyTreeCheckpointer() as ckptr:
-        params = ckptr.restore(epath.Path(os.path.abspath(step_dir)) / "state", args=args)["params"]
+        params = ckptr.restore(orbax_path(step_dir) / "state", args=args)["params"]
     return nnx.merge(graphdef, params)
 
 
@@ -71,7 +72,7 @@ def load_for_eval(config, checkpoint: Path, stage=None, step=None):
         source = workdir / "tiny_model" if config.model.tiny else Path(config.model.path or _default())
     model = model_from_checkpoint(source, chosen.path, config, mesh)
     label = f"{chosen.stage}-step{chosen.step}" if chosen.step is not None else f"{chosen.stage}-end"
-    logging.warning("evaluating %s", chosen)
+    print(f"evaluating {chosen}")
     return model, load_tokenizer(source), label, workdir / "evaluations" / label
 
 
@@ -83,10 +84,10 @@ def _default() -> str:
 
 def main(argv):
     del argv
+    console.configure(_VERBOSE.value)
     config = _CONFIG.value
     if config is None or not _CHECKPOINT.value:
         raise app.UsageError("--config and --checkpoint are required")
-    logging.getLogger("absl").setLevel(logging.WARNING)
     from pbbjax.distributed import initialize
 
     initialize(config.distributed, config.cluster.to_dict())

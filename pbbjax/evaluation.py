@@ -25,6 +25,12 @@ Domains with a ``recall`` (arithmetic) also get, in ``cot`` mode, the fraction o
 state every statement of the program, whatever values they compute: retrieval of the program apart from
 arithmetic.
 
+Guessing floor (``floor``): the accuracy of always answering each program's most frequent output on its
+rows of the set, i.e. the share of rows whose expected output is their program's most frequent one. An
+accuracy near it shows guessing, not execution (programs whose outputs are mostly 0 give a high floor).
+Computed from the expected outputs, for every domain scored by exact match (grammars have
+``random_baseline`` instead); records written before it existed have none.
+
 Confidence intervals: a percentile bootstrap over *instructions* (rows of one instruction are correlated, so
 instructions are resampled with all their rows); with a single instruction, over rows. Seeded.
 """
@@ -34,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import jax
 import numpy as np
@@ -176,6 +182,17 @@ def loss_batch_size(batch_size: int, mesh) -> int:
     return -(-batch_size // multiple) * multiple
 
 
+def guessing_floor(rows: list[Row]) -> float | None:
+    """The share of ``rows`` whose expected output is the most frequent one of their instruction's rows:
+    the accuracy of a guesser that knows each program's most common answer, but not how to run it."""
+    if not rows:
+        return None
+    outputs = defaultdict(Counter)
+    for r in rows:
+        outputs[r.instruction_id][r.output] += 1
+    return sum(max(c.values()) for c in outputs.values()) / len(rows)
+
+
 def _meta_value(row: Row, instruction: Instruction, key: str):
     example_meta = json.loads(row.meta or "{}")
     return example_meta.get(key, instruction.meta.get(key))
@@ -247,6 +264,8 @@ def evaluate(
         group = "/".join(sorted({r.split for r in rows}))
         for mode in dict.fromkeys(resolve_mode(m, cot) for m in cfg.modes):
             record = {"set": name, "group": group, "mode": mode, "n": len(rows), "loss": loss}
+            if not hasattr(domain, "random_baseline"):
+                record["floor"] = guessing_floor(rows)
             if cfg.generate and rows:
                 texts = generate_answers(model, tokenizer, curriculum.instructions, rows, mode, cfg)
                 scores = score_texts(domain, curriculum.instructions, rows, texts)
@@ -267,7 +286,7 @@ def evaluate(
     return records
 
 
-TABLE_COLUMNS = ["after", "step", "set", "group", "mode", "n", "loss", "accuracy", "ci95"]
+TABLE_COLUMNS = ["after", "step", "set", "group", "mode", "n", "loss", "accuracy", "ci95", "floor"]
 
 
 def results_table(records: list[dict], columns=TABLE_COLUMNS) -> str:

@@ -39,13 +39,14 @@ import tensorstore as ts
 from etils import epath
 from flax import nnx
 
+from pbbjax import console
 from pbbjax.distributed import launched_process_index
 from pbbjax.models.config import DTYPES, ModelConfig, resolve_dtype
 from pbbjax.models.decoder import Transformer
 from pbbjax.models.hf_io import TOKENIZER_FILES as _TOKENIZER_CORE
 from pbbjax.models.hf_io import _replace_dir, hf_config_dict
 from pbbjax.models.hf_weights import hf_shape, param_table, save_tensors_streaming, to_hf
-from pbbjax.storage import is_remote
+from pbbjax.storage import is_remote, orbax_path
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class Checkpoint:
 def _read_json_item(step_dir: Path, item: str) -> dict | None:
     """The JSON item ``meta`` or ``info`` of a checkpoint; None when it cannot be read."""
     try:
-        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(epath.Path(step_dir / item))
+        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(orbax_path(step_dir / item))
     except Exception as e:  # reported by the caller where it matters
         log.debug("cannot read %s of %s: %s", item, step_dir, e)
         return None
@@ -121,7 +122,7 @@ def _list(root: Path) -> list[Checkpoint]:
     """The committed checkpoints in ``root`` (Orbax lists no half-written step)."""
     stage_end = root.parent.name == "stage_ends"
     out = []
-    for step in sorted(ocp.utils.checkpoint_steps(epath.Path(root))):
+    for step in sorted(ocp.utils.checkpoint_steps(orbax_path(root))):
         meta = _read_json_item(root / str(step), "meta") or {}
         stage = meta.get("stage", root.name if stage_end else None)
         out.append(Checkpoint(root / str(step), stage, None if stage_end else step, meta.get("stage_step")))
@@ -226,7 +227,7 @@ class CheckpointArrays:
         if name not in self._stores:
             info = ocp.type_handlers.ParamInfo(
                 name=name,
-                parent_dir=epath.Path(self.step_dir / "state"),
+                parent_dir=orbax_path(self.step_dir / "state"),
                 use_zarr3=self._zarr3,
                 ts_context=self._context,
             )
@@ -361,7 +362,7 @@ def _export(checkpoint, out, stage, step, model, dtype, max_shard_bytes, block_b
     found, workdir = find_checkpoints(checkpoint)
     picked = select_checkpoint(found, _as_path(checkpoint), stage, step)
     source = _source_dir(model, workdir, scratch)
-    log.info("exporting %s with the config and tokenizer of %s", picked, source)
+    print(f"exporting {picked} with the config and tokenizer of {source}")
     generation = source / "generation_config.json"
     generation = json.loads(generation.read_text()) if generation.is_file() else {}
     cfg = ModelConfig.from_dir(source, generation_config=generation)
@@ -391,7 +392,7 @@ def _export(checkpoint, out, stage, step, model, dtype, max_shard_bytes, block_b
         for file in TOKENIZER_FILES:  # verbatim: no need to load transformers (and torch) to re-save them
             if (source / file).is_file():
                 shutil.copy2(source / file, tmp / file)
-    log.info("wrote %d tensors (%s) to %s", len(specs), cfg.param_dtype, out)
+    print(f"wrote {len(specs)} tensors ({cfg.param_dtype}) to {out}")
     return Path(out)
 
 
@@ -415,7 +416,9 @@ def main(argv: list[str] | None = None) -> None:
     arg("--model", help="the HF directory the run started from (default: <workdir>/source_model)")
     arg("--dtype", choices=sorted(DTYPES), help="the exported dtype (default: the checkpoint's)")
     arg("--max-shard-bytes", type=int, default=2 * 1024**3, help="safetensors shard size (default 2 GiB)")
+    arg("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = vars(parser.parse_args(argv))
+    console.configure(args.pop("verbose"))
     if args["max_shard_bytes"] <= 0:
         parser.error("--max-shard-bytes must be positive")
     if (index := launched_process_index()) != 0:  # a host-side tool: one host of a pod writes
@@ -423,8 +426,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     jax.config.update("jax_platforms", "cpu")  # never claims an accelerator a run may be using
     _return_freed_buffers_to_the_os()
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         export_checkpoint(args.pop("checkpoint"), args.pop("out"), **args)
     except ExportError as e:

@@ -9,7 +9,8 @@
   reaches PBB (Fig. 2).
 
 Each function takes records (dicts from ``evaluation.evaluate`` with ``after``/``step``) and a path, and
-returns the path; ``write_plots`` draws every plot the records support.
+returns the path; ``write_plots`` draws every plot the records support. Every accuracy plot marks each
+set's guessing floor (a record's ``floor``, where it has one): a black tick over each bar, or a dotted line.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def _err(r) -> tuple[float, float]:
     if acc is None or lo is None or hi is None or math.isnan(lo):
         return 0.0, 0.0
     return max(acc - lo, 0.0), max(hi - acc, 0.0)
+
+
+def _floor_lines(ax, records: list[dict]) -> None:
+    """A dotted horizontal line at each set's guessing floor (the first record of the set that has one)."""
+    floors = {}
+    for r in records:
+        if r.get("floor") is not None:
+            floors.setdefault(r["set"], r["floor"])
+    for i, (name, floor) in enumerate(floors.items()):
+        ax.axhline(floor, color="k", ls=":", lw=1 + 0.5 * i, label=f"guessing floor: {name} ({floor:.2f})")
 
 
 def _save(fig, path) -> Path:
@@ -66,6 +77,7 @@ def plot_by_stage(records: list[dict], path, title: str = "", measure: str = "ac
                 "accuracy": r[measure],
                 "ci_low": r.get(f"{measure}_ci_low"),
                 "ci_high": r.get(f"{measure}_ci_high"),
+                "floor": None,  # the guessing floor is an accuracy
             }
             for r in records
             if r.get(measure) is not None
@@ -75,12 +87,17 @@ def plot_by_stage(records: list[dict], path, title: str = "", measure: str = "ac
     series = _ordered((r["set"], r["mode"]) for r in finals)
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(stages), 3.6))
     width = 0.8 / max(len(series), 1)
+    floor_label = "guessing floor"
     for j, (name, mode) in enumerate(series):
         rs = {r["after"]: r for r in finals if (r["set"], r["mode"]) == (name, mode)}
         xs = [i + (j - (len(series) - 1) / 2) * width for i, s in enumerate(stages) if s in rs]
         ys = [rs[s]["accuracy"] for s in stages if s in rs]
         err = list(zip(*(_err(rs[s]) for s in stages if s in rs), strict=True))
         ax.bar(xs, ys, width, yerr=err, capsize=3, label=f"{name} ({mode})")
+        for x, s in zip(xs, (s for s in stages if s in rs), strict=True):
+            if (floor := rs[s].get("floor")) is not None:  # a tick over the bar at its set's floor
+                ax.plot([x - width / 2, x + width / 2], [floor, floor], color="k", lw=2, label=floor_label)
+                floor_label = None
     ax.set_xticks(
         range(len(stages)),
         stages,
@@ -106,6 +123,7 @@ def plot_breakdown(records: list[dict], key: str, path, title: str = "") -> Path
         ys = [table[x]["accuracy"] for x in xs]
         err = list(zip(*(_err(table[x]) for x in xs), strict=True))
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=2, label=f"{r['after']}: {r['set']} ({r['mode']})")
+    _floor_lines(ax, [r for r in records if r.get(f"by_{key}") and r.get("final", True)])
     if len(ax.get_xticks()) > 12:  # e.g. the 25 cipher shifts: labels side by side would run together
         ax.tick_params(axis="x", labelsize=7, labelrotation=90)
     return _finish(fig, ax, path, title or f"accuracy by {key}", key, legend_size=7)
@@ -125,6 +143,7 @@ def plot_over_steps(records: list[dict], path, title: str = "") -> Path:
     for r in rs:
         if r.get("final"):
             ax.axvline(r["step"], color="grey", lw=0.5, ls=":")
+    _floor_lines(ax, rs)
     return _finish(fig, ax, path, title or "accuracy through training", "step")
 
 
@@ -179,6 +198,7 @@ def plot_exchange_rate(
             lo, hi = star_ci
             hi = hi if math.isfinite(hi) else max(ns) * 10
             ax.axvspan(lo, hi, color="C3", alpha=0.08, label=f"N* 95% CI [{lo:.3g}, {star_ci[1]:.3g}]")
+    _floor_lines(ax, [r for _, r in curve])
     ax.set_xscale("log")
     return _finish(
         fig, ax, path, title or "exchange rate: AD(N) vs PBB", "N (execution examples per eval instruction)"

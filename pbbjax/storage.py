@@ -48,6 +48,14 @@ def is_remote(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
+def orbax_path(path: str | os.PathLike):
+    """``path`` as every Orbax call takes it: an ``epath.Path``, made absolute when local (Orbax's OCDBT
+    format refuses a relative path, such as a workdir given as ``runs/...``); a URL is absolute already."""
+    from etils import epath
+
+    return epath.Path(path if is_remote(path) else os.path.abspath(path))
+
+
 def filesystem(url: str):
     """(fsspec filesystem, path within it) of a URL; a clear error when its package is missing."""
     import fsspec

@@ -36,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+from pbbjax import console
 from pbbjax.studies import COMMON, STUDIES, Arm, Run, Study
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -268,6 +269,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="a config override for every run: key=value")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's checkpoints")
     p.add_argument("--list", action="store_true", help="list the studies and their arms")
+    p.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     p.add_argument("--report-only", action="store_true", help="only aggregate the records already in --out")
     p.add_argument(
         "--compile-only", default="", metavar="TOPOLOGY", help="only AOT-compile every run for a TPU topology"
@@ -277,7 +279,7 @@ def main(argv=None) -> int:
         for s in STUDIES.values():
             print(f"{s.name:15s} {s.figure:22s} runs: {', '.join(r.name for r in s.runs)}")
         return 0
-    logging.basicConfig(level=logging.WARNING)
+    console.configure(args.verbose)
     if not args.compile_only:  # programs compiled for a device-less topology cannot be read back
         enable_compilation_cache()
     study = STUDIES[args.study]

@@ -65,6 +65,8 @@ def aggregate(arms, runs: dict, seeds: int) -> list[dict]:
                 else:
                     row["ci_low"], row["ci_high"] = recs[0].get("ci_low"), recs[0].get("ci_high")
                     row["ci"] = "instructions"
+            if floors := [r["floor"] for r in recs if r.get("floor") is not None]:
+                row["floor"] = float(np.mean(floors))  # the guessing floor, mean over seeds
             for m in EXTRA_MEASURES:
                 values = [r[m] for r in recs if isinstance(r.get(m), float)]
                 if values:
@@ -164,14 +166,15 @@ def _fmt(x, digits=3) -> str:
 def markdown_table(rows: list[dict], measures=("accuracy",)) -> str:
     extra = [m for m in EXTRA_MEASURES if m in measures or (m == "loss" and any("loss" in r for r in rows))]
     names = {"loss": "answer loss [95% CI]", "recall": "recall [95% CI]"}
-    head = ["arm", "set", "mode", "seeds", "n", "accuracy", "95% CI", "CI over", "per seed"]
+    head = ["arm", "set", "mode", "seeds", "n", "accuracy", "95% CI", "CI over", "per seed", "guessing floor"]
     head += [names.get(m, m) for m in extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ci = f"[{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}]" if r.get("ci_low") is not None else "-"
         per_seed = " ".join(f"{a:.2f}" for a in r.get("per_seed", []))
         cells = [r["arm"], r["set"], r["mode"], r["seeds"], r["n"], _fmt(r.get("accuracy")), ci]
-        cells += [r.get("ci", "-"), per_seed or "-", *(_measure(r, m) for m in extra)]
+        cells += [r.get("ci", "-"), per_seed or "-", _fmt(r.get("floor"))]
+        cells += [_measure(r, m) for m in extra]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 

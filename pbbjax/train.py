@@ -9,16 +9,18 @@ their memory and FLOPs (``pbbjax.aot``).
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
+
+from pbbjax import console
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "a configs/*.py file, optionally :preset", lock_config=True
 )
+_VERBOSE = flags.DEFINE_bool("verbose", False, console.VERBOSE_HELP)
 
 
 def tiny_model_dir(fields: dict, workdir: Path, seed: int) -> Path:
@@ -85,10 +87,10 @@ def run(config) -> list[dict]:
 
 def main(argv):
     del argv
+    console.configure(_VERBOSE.value)
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/proactive.py")
-    logging.getLogger("absl").setLevel(logging.WARNING)
     if config.compile_only_topology:
         from pbbjax import aot
 

@@ -1,17 +1,20 @@
 """Evaluation: confidence intervals, modes, scoring, breakdowns, grammar measures and plots."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 from scipy import stats
 
+import pbbjax.plots
 from pbbjax.curriculum import CurriculumConfig, build_curriculum
 from pbbjax.evaluation import (
     ZERO_SHOT_HINT,
     EvalConfig,
     bootstrap_ci,
     grammar_measures,
+    guessing_floor,
     render_prompt,
     results_table,
     score_texts,
@@ -86,6 +89,22 @@ def test_scores_come_from_real_execution(arithmetic):
     # The CoT form: the answer after the last marker counts.
     cot = [f"step 1: Answer: {json.loads(r.output) + 1}\nAnswer: {r.output}" for r in rows]
     assert score_texts(domain, cur.instructions, rows, cot) == [1.0] * len(rows)
+
+
+def test_guessing_floor_is_the_score_of_answering_each_programs_most_frequent_output(arithmetic):
+    domain, cur = arithmetic
+    rows = cur.eval_sets["eval"] + cur.eval_sets["train"]
+    # the guesser, scored by the domain like a model: each program's most common output, every time
+    outputs = {}
+    for r in rows:
+        outputs.setdefault(r.instruction_id, []).append(r.output)
+    guess = {i: max(set(o), key=o.count) for i, o in outputs.items()}
+    texts = [f"Answer: {guess[r.instruction_id]}" for r in rows]
+    assert guessing_floor(rows) == pytest.approx(np.mean(score_texts(domain, cur.instructions, rows, texts)))
+    # by hand: program a answers 0, 0, 1 and program b 5, 6: 2 + 1 of 5 rows
+    pairs = zip("aaabb", "00156", strict=True)
+    by_hand = [dataclasses.replace(rows[0], instruction_id=i, output=o) for i, o in pairs]
+    assert guessing_floor(by_hand) == pytest.approx(3 / 5) and guessing_floor([]) is None
 
 
 def test_summary_breaks_accuracy_down_by_program_length(arithmetic):
@@ -163,3 +182,35 @@ def test_plots_and_table_from_records(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     table = results_table(records)
     assert "ci95" in table.splitlines()[0] and "[0.100, 0.300]" in table
+
+
+def test_every_accuracy_plot_and_table_shows_the_guessing_floor(tmp_path, monkeypatch):
+    """Records with a floor draw it on every plot (a tick over each bar, else a line at its height) and
+    show it in the table; records written before the floor existed still plot and tabulate."""
+    drawn = {}
+
+    def save(fig, path):
+        ax = fig.axes[0]
+        floors = [line for line in ax.lines if line.get_color() == "k"]
+        drawn[path.name] = sorted({round(float(y), 6) for line in floors for y in line.get_ydata()})
+        return real_save(fig, path)
+
+    real_save = pbbjax.plots._save
+    monkeypatch.setattr(pbbjax.plots, "_save", save)
+    by_length = {"by_length": {"1": {"n": 10, "accuracy": 0.5, "ci_low": 0.4, "ci_high": 0.6}}}
+    records = [
+        _record("stage1", 10, 0.2, floor=0.25, **by_length),
+        _record("stage2", 15, 0.3, final=False, floor=0.25),
+        _record("stage2", 20, 0.4, floor=0.25),
+        _record("ad1", 25, 0.1, floor=0.25),
+        _record("ad5", 30, 0.35, floor=0.25),
+    ]
+    paths = write_plots(records, tmp_path, title="test", pbb=_record("stage2", 20, 0.3))
+    assert len(paths) == 4 and all(drawn[p.name] == [0.25] for p in paths), drawn
+    table = results_table(records).splitlines()
+    assert table[0].split()[-1] == "floor" and all(line.endswith("0.2500") for line in table[2:])
+    old = [{k: v for k, v in r.items() if k != "floor"} for r in records]
+    drawn.clear()
+    paths = write_plots(old, tmp_path / "old", title="test")
+    assert drawn and all(v == [] for v in drawn.values())
+    assert all(not line.endswith("0.2500") for line in results_table(old).splitlines()[2:])

@@ -81,7 +81,7 @@ def test_cli_exports_the_newest_checkpoint_in_shards(run, tmp_path):
     out = tmp_path / "hf"
     done = _cli("--checkpoint", run, "--out", out, "--max-shard-bytes", 4_000_000)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "step 6 (stage 'stage2'" in done.stderr
+    assert "step 6 (stage 'stage2'" in done.stdout
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and not (out / "model.safetensors").exists()
     _assert_same_model(out, run / "export" / "stage2")
@@ -96,7 +96,7 @@ def test_cli_exports_the_newest_checkpoint_in_shards(run, tmp_path):
 def test_cli_stage_picks_the_newest_checkpoint_of_that_stage(run, tmp_path):
     done = _cli("--checkpoint", run / "checkpoints", "--out", tmp_path / "hf", "--stage", "stage1")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "step 3 (stage 'stage1'" in done.stderr
+    assert "step 3 (stage 'stage1'" in done.stdout
     _assert_same_model(tmp_path / "hf", run / "export" / "stage1")
 
 

@@ -218,8 +218,11 @@ def test_stop_string_that_never_appears(tiny):
     assert seqs == [tuple(map(ord, absent))]
     plain = generate_arrays(tiny, ids, 16, eos_ids=(2,), pad_id=0)
     with_stop = generate_arrays(tiny, ids, 16, eos_ids=(2,), pad_id=0, stop_sequences=seqs)
-    for a, b in zip(plain, with_stop, strict=True):
-        np.testing.assert_array_equal(a, b)
+    for name in ("tokens", "lengths", "ended", "eos", "steps"):  # integers and booleans: exactly
+        np.testing.assert_array_equal(getattr(plain, name), getattr(with_stop, name), err_msg=name)
+    # float32 log-probs: watching for stops changes the compiled decode loop, which XLA may fuse and round
+    # differently on another CPU; the same values up to float32 rounding
+    np.testing.assert_allclose(plain.logprobs, with_stop.logprobs, rtol=1e-6, atol=1e-6)
 
 
 def test_buckets():

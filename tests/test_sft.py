@@ -11,6 +11,7 @@ from pbbjax.training.sft import (
     OptimConfig,
     batch_sharding,
     init_state,
+    learning_rate_schedule,
     make_grad_fn,
     make_optimizer,
     make_train_step,
@@ -144,3 +145,36 @@ def test_smollm2_loss_decreases_over_20_steps(smollm2_dir):
     batches = [next(it) for _ in range(5)]
     _, losses = _run(smollm2_dir, OptimConfig(learning_rate=1e-4, warmup_steps=2), batches, steps=20)
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup", [0, 1, 3, 10])
+@pytest.mark.parametrize("total", [1, 2, 3, 5, 40])
+def test_no_stage_steps_at_learning_rate_zero(schedule, warmup, total):
+    """Every step of a stage, however short against its warmup, trains: step i of a warmup of w steps (w at
+    most the stage's length - 1) is at peak * (i + 1) / (w + 1), and the decay starts from the peak."""
+    peak = 2e-4
+    cfg = OptimConfig(learning_rate=peak, warmup_steps=warmup, schedule=schedule)
+    lrs = np.array([float(learning_rate_schedule(cfg, total)(i)) for i in range(total)])
+    w = min(warmup, total - 1)
+    assert np.allclose(lrs[:w], peak * np.arange(1, w + 1) / (w + 1), rtol=1e-6)
+    assert np.isclose(lrs[w], peak, rtol=1e-6)
+    assert (lrs >= peak * min(1 / (w + 1), cfg.end_lr_ratio) * (1 - 1e-6)).all(), lrs
+
+
+def test_a_stage_shorter_than_its_warmup_trains_from_its_first_step(hf_dirs):
+    """Stage 2 of the CPU demo is 2 steps against a warmup of 3: both steps move the parameters."""
+    model, _ = load_model(hf_dirs["llama_gqa"][1])
+    graphdef, _ = nnx.split(model)
+    cfg = OptimConfig(learning_rate=1e-3, warmup_steps=3)
+    optimizer = make_optimizer(cfg, 2)
+    state = init_state(model, optimizer)
+    step = make_train_step(graphdef, optimizer, cfg, 2, state_shardings(state), None)
+    lrs = []
+    for _ in range(2):
+        before = jax.tree.leaves(jax.tree.map(np.asarray, state["params"]))
+        state, metrics = step(state, _batch(4))
+        lrs.append(float(metrics["learning_rate"]))
+        after = jax.tree.leaves(state["params"])
+        assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    assert np.allclose(lrs, [5e-4, 1e-3], rtol=1e-6)

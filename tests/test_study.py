@@ -11,7 +11,7 @@ from scipy import stats
 
 from pbbjax import study as study_mod
 from pbbjax.studies import STUDIES, Arm
-from pbbjax.study_report import aggregate, exchange_rate_estimate, report, seed_interval
+from pbbjax.study_report import aggregate, exchange_rate_estimate, markdown_table, report, seed_interval
 from pbbjax.training.checkpoint import Checkpointer
 
 ROOT = Path(__file__).parent.parent
@@ -137,10 +137,12 @@ def test_seed_interval_is_the_student_t_interval():
 def test_aggregate_over_seeds_and_single_seed_intervals():
     arms = (Arm("a", "r", "stage2"),)
     runs = {
-        ("r", 0): [_rec("stage2", 0.5) | {"loss": 1.0, "recall": 0.9}, _rec("stage1", 0.9)],
-        ("r", 1): [_rec("stage2", 0.7) | {"loss": 2.0, "recall": 1.0}],
+        ("r", 0): [_rec("stage2", 0.5) | {"loss": 1.0, "recall": 0.9, "floor": 0.2}, _rec("stage1", 0.9)],
+        ("r", 1): [_rec("stage2", 0.7) | {"loss": 2.0, "recall": 1.0, "floor": 0.3}],
     }
     (row,) = aggregate(arms, runs, 2)
+    assert row["floor"] == pytest.approx(0.25)  # the guessing floor: its mean over the seeds
+    assert markdown_table([row]).splitlines()[2].split(" | ")[9] == "0.250"
     assert row["accuracy"] == pytest.approx(0.6) and row["per_seed"] == [0.5, 0.7] and row["ci"] == "seeds"
     half = stats.t.ppf(0.975, 1) * np.std([1.0, 2.0], ddof=1) / math.sqrt(2)  # losses are not clipped at 1
     assert (row["loss"], row["loss_ci_high"]) == (pytest.approx(1.5), pytest.approx(1.5 + half))

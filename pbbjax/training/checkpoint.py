@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
 from pbbjax.distributed import all_hosts
 from pbbjax.models.sharding import to_host
+from pbbjax.storage import orbax_path
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,7 @@ class Checkpointer:
             is_primary = jax.process_index() == 0
         elif jax.process_count() > 1 and is_primary != (jax.process_index() == 0):
             raise ValueError("Orbax writes checkpoint metadata from process 0; is_primary must match it")
-        # Orbax's OCDBT writer needs an absolute path; gs:// and other URLs are absolute already.
-        local = "://" not in str(directory)
-        self.directory = epath.Path(os.path.abspath(directory) if local else directory)
+        self.directory = orbax_path(directory)
         self.fingerprint = _normalise(fingerprint)
         self.is_primary = is_primary
         self._corrupt: set[int] = set()  # steps restore() found unreadable: save() may replace them

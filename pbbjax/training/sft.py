@@ -50,6 +50,12 @@ class OptimConfig:
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup, then ``cfg.schedule``'s decay, over the ``total_steps`` of one stage.
+
+    Warmup step i (from 0) trains at ``learning_rate * (i + 1) / (warmup + 1)``: it starts above 0, so no
+    optimizer step is wasted at learning rate 0, and the peak comes right after it. A stage shorter than
+    ``warmup_steps`` warms up over all but its last step, which trains at the peak (a stage of 1 step trains
+    at the peak, one of 2 steps at half the peak and then the peak)."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     decay_steps = max(total_steps - warmup, 1)
     end = cfg.learning_rate * cfg.end_lr_ratio
@@ -61,7 +67,8 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
         decay = optax.constant_schedule(cfg.learning_rate)
     if not warmup:
         return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay], [warmup])
+    ramp = optax.linear_schedule(cfg.learning_rate / (warmup + 1), cfg.learning_rate, warmup)
+    return optax.join_schedules([ramp, decay], [warmup])
 
 
 def decay_mask(params) -> object:
