@@ -24,15 +24,28 @@ _GOOGLE_PCI_VENDOR = "0x1ae0"  # how JAX itself tells that a TPU chip is attache
 
 def configure(verbose: bool = False) -> None:
     level = logging.INFO if verbose else logging.WARNING
-    # one plain handler on the root logger, replacing absl's (``absl.app.run`` installs it), so that
-    # absl, orbax, jax, matplotlib and pbbjax's own loggers all stop at the same level
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    # one plain handler on the root logger in place of absl's (``absl.app.run`` installs it), so that
+    # absl, orbax, jax, matplotlib and pbbjax's own loggers all stop at the same level; other handlers
+    # (a caller's, pytest's) stay, and a second call adds nothing
     from absl import logging as absl_logging
+
+    root = logging.getLogger()
+    if absl_logging.get_absl_handler() in root.handlers:
+        root.removeHandler(absl_logging.get_absl_handler())
+    if not any(isinstance(h, _ConsoleHandler) for h in root.handlers):
+        handler = _ConsoleHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
 
     absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         _skip_absent_tpu()
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """The handler ``configure`` installs (a class of its own, so that it is installed once)."""
 
 
 def _skip_absent_tpu() -> None:

@@ -56,6 +56,8 @@ def model_from_checkpoint(source: Path, step_dir: Path, config, mesh):
 
 def load_for_eval(config, checkpoint: Path, stage=None, step=None):
     """(model with the checkpoint's parameters, tokenizer, label, default output directory)."""
+    import jax
+
     from pbbjax.export import find_checkpoints, select_checkpoint
     from pbbjax.models.hf_io import load_model, load_tokenizer
     from pbbjax.models.sharding import make_mesh
@@ -72,7 +74,8 @@ def load_for_eval(config, checkpoint: Path, stage=None, step=None):
         source = workdir / "tiny_model" if config.model.tiny else Path(config.model.path or _default())
     model = model_from_checkpoint(source, chosen.path, config, mesh)
     label = f"{chosen.stage}-step{chosen.step}" if chosen.step is not None else f"{chosen.stage}-end"
-    print(f"evaluating {chosen}")
+    if jax.process_index() == 0:
+        print(f"evaluating {chosen}")
     return model, load_tokenizer(source), label, workdir / "evaluations" / label
 
 

@@ -26,7 +26,9 @@ INFO = re.compile(
 
 
 def _command(cwd: Path, *args: str, verbose: bool = False) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # as a user's shell has it
+    # as a user's shell has it: no JAX_PLATFORMS, nor what compile-only tests in this process set for libtpu
+    leaked = ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES", "ALLOW_MULTIPLE_LIBTPU_LOAD")
+    env = {k: v for k, v in os.environ.items() if k not in leaked}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", *args, *(["--verbose"] if verbose else [])]
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
