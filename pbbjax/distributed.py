@@ -12,7 +12,14 @@ Must run before anything touches a JAX backend.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 _CLUSTER_ENV = (
     "JAX_COORDINATOR_ADDRESS",
@@ -60,8 +67,6 @@ def initialize(mode: str = "auto", cluster: dict | None = None) -> bool:
         raise ValueError(f"config field 'distributed' is {mode!r}; expected 'auto', 'on' or 'off'")
     if mode == "off" or (mode == "auto" and not _detected()):
         return False
-    import jax
-
     if jax.distributed.is_initialized():
         return True
     c = {**CLUSTER_DEFAULTS, **(cluster or {})}
@@ -95,9 +100,6 @@ def initialize(mode: str = "auto", cluster: dict | None = None) -> bool:
 def _wait_for_coordinator(address: str, index: int, count: int | None, timeout: float) -> None:
     """Until the coordinator accepts a TCP connection; a clear error after ``timeout`` seconds (JAX itself
     aborts the process with a C++ fatal error there, which names neither the address nor the setting)."""
-    import socket
-    import time
-
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + timeout
     while True:
@@ -117,15 +119,8 @@ def _wait_for_coordinator(address: str, index: int, count: int | None, timeout: 
 def same_on_every_host(value: str | int, what: str) -> None:
     """Raise unless every process has the same ``value`` (a collective: every process must call it). For
     what each host derives on its own and must agree on: step counts, data positions, config digests."""
-    import jax
-
     if jax.process_count() == 1:
         return
-    import hashlib
-
-    import numpy as np
-    from jax.experimental import multihost_utils
-
     digest = hashlib.sha256(str(value).encode()).digest()[:8]
     ours = np.frombuffer(digest, np.uint32)
     every = np.asarray(multihost_utils.process_allgather(ours)).reshape(jax.process_count(), -1)
@@ -139,11 +134,6 @@ def same_on_every_host(value: str | int, what: str) -> None:
 
 def all_hosts(ok: bool) -> bool:
     """True when ``ok`` is true on every process (a collective: every process must call it)."""
-    import jax
-
     if jax.process_count() == 1:
         return bool(ok)
-    import numpy as np
-    from jax.experimental import multihost_utils
-
     return bool(np.all(multihost_utils.process_allgather(np.int32(bool(ok)))))

@@ -138,6 +138,7 @@ def test_preemption_then_a_dead_host_then_resume_bitwise(runs, tmp_path):
     t0 = time.monotonic()
     os.kill(host1[0], signal.SIGKILL)
     proc.wait(timeout=120)
+    proc.stdout.close()
     assert proc.returncode != 0 and time.monotonic() - t0 < 90
 
     train(2, 4, work)
