@@ -53,6 +53,7 @@ from pbbjax.tasks.base import ANSWER_MARKER, Domain, Example, Instruction, extra
 from pbbjax.training.metrics import format_table
 
 MODES = ("direct", "cot", "in_context", "zero_shot")
+SAMPLES = 3  # sample generations kept per record: the first row of each of the first SAMPLES programs
 ZERO_SHOT_HINT = f'\n\nWork it out, then end your reply with a line of the form "{ANSWER_MARKER} <result>".'
 
 
@@ -279,11 +280,26 @@ def evaluate(
                 if hasattr(domain, "random_baseline") and hasattr(domain, "diversity"):
                     record |= grammar_measures(domain, curriculum.instructions, rows, texts, cfg.seed)
                 record["samples"] = [
-                    {"prompt": r.prompt, "expected": r.output, "generated": t, "score": s}
-                    for r, t, s in list(zip(rows, texts, scores, strict=True))[:3]
+                    {
+                        "instruction": r.instruction_id,
+                        "prompt": r.prompt,
+                        "expected": r.output,
+                        "generated": t,
+                        "score": s,
+                    }
+                    for r, t, s in _first_of_each(rows, texts, scores, SAMPLES)
                 ]
             records.append(record)
     return records
+
+
+def _first_of_each(rows: list[Row], texts, scores, n: int) -> list[tuple]:
+    """(row, text, score) of the first row of each of the first ``n`` instructions."""
+    firsts: dict[str, tuple] = {}
+    for item in zip(rows, texts, scores, strict=True):
+        if len(firsts) < n:
+            firsts.setdefault(item[0].instruction_id, item)
+    return list(firsts.values())
 
 
 TABLE_COLUMNS = ["after", "step", "set", "group", "mode", "n", "loss", "accuracy", "ci95", "floor"]

@@ -1,6 +1,7 @@
 """Plots of evaluation records, in the forms of the paper's figures (matplotlib, Agg backend, PNG files).
 
-- ``accuracy_by_stage``: accuracy after each stage, per (set, mode), with 95% CI bars (Fig. 3 lower left);
+- ``accuracy_by_stage``: accuracy after each stage, per (set, mode), with 95% CI bars and the values written
+  over them (Fig. 3 lower left);
 - ``accuracy_by_<key>``: accuracy per program length / cipher shift after each stage (Fig. 3 upper left,
   Fig. 5);
 - ``accuracy_over_steps``: accuracy through training, where stages were evaluated every N steps (Fig. 3
@@ -94,6 +95,8 @@ def plot_by_stage(records: list[dict], path, title: str = "", measure: str = "ac
         ys = [rs[s]["accuracy"] for s in stages if s in rs]
         err = list(zip(*(_err(rs[s]) for s in stages if s in rs), strict=True))
         ax.bar(xs, ys, width, yerr=err, capsize=3, label=f"{name} ({mode})")
+        for x, y, up in zip(xs, ys, err[1] if err else [], strict=True):  # the value over its error bar
+            ax.text(x, y + up + 0.02, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
         for x, s in zip(xs, (s for s in stages if s in rs), strict=True):
             if (floor := rs[s].get("floor")) is not None:  # a tick over the bar at its set's floor
                 ax.plot([x - width / 2, x + width / 2], [floor, floor], color="k", lw=2, label=floor_label)

@@ -50,6 +50,12 @@ def here(tmp_path_factory) -> Path:
     records = json.loads((here / WORKDIR / "results.json").read_text())["records"]
     floors = [line.split()[-1] for line in table[2 : 2 + len(records)]]
     assert floors == [f"{r['floor']:.4f}" for r in records]
+    # after the table: what the stages trained on, the verdict, and two eval programs answered before/after
+    story = done.stdout[done.stdout.index("What happened:") :]
+    assert "never executed in training" in story and "\nVerdict: " in story
+    for n in (1, 2):
+        sample = story[story.index(f"Sample {n}: ") :]
+        assert "True answer: " in sample and "After stage1 (" in sample and "After stage2 (" in sample
     return here
 
 

@@ -42,6 +42,7 @@ from pbbjax.training.grpo import GRPOConfig
 from pbbjax.training.metrics import MetricsLogger, Progress, mfu, train_flops_per_token
 from pbbjax.training.preemption import Preempted, PreemptionWatch
 from pbbjax.training.rollout import GRPOStepper, grpo_optimizer, text_reward_fn
+from pbbjax.verdict import explain
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +391,8 @@ class Runner:
         c = self.config
         print(f"\n{c.curriculum} curriculum, {c.domain}, seed {c.seed}: {self.wd}")
         print(results_table([r for r in self.records if r["final"]]))
+        if text := explain(self.records, self.curriculum):
+            print(text)
         from pbbjax.plots import write_plots
 
         for path in write_plots(self.records, self.workdir / "plots", title=f"{c.curriculum}, {c.domain}"):
