@@ -12,7 +12,6 @@ A config is an ``ml_collections.ConfigDict`` with the sections:
   ``model.config_file`` then gives the model's shape (the paper presets ship ``pbbjax/model_configs/*.json``)
 - ``sandbox``: how programs from data run (``pbbjax.tasks.sandbox``): "strict" (the default; refuses to run
   where the kernel lacks a mechanism) or "weak" (a subprocess with resource limits only)
-- ``demo``: the prompt the main job answers until the trainer exists
 """
 
 from __future__ import annotations
@@ -100,13 +99,10 @@ def base_config(curriculum: str, **data_overrides) -> ml_collections.ConfigDict:
     }
     c.eval = {**_dataclass_dict(EvalConfig), "at_start": False}
     c.rl = {**_dataclass_dict(GRPOConfig), "stages": ()}  # GRPO settings; stages trained by GRPO, not SFT
-    c.demo = dict(
-        prompt="Here is a Python function:\n\ndef blorp(x):\n    y = x * 3\n    return y - 4\n\n"
-        "What does blorp(5) return? Answer with the number only.",
-        max_new_tokens=32,
-    )
     return c
 
+
+REPLAY = 1.0  # the demo's stage 2: replayed stage-1 rows per eval-program code row
 
 # A tiny random Llama built on the spot (SmolLM2's tokenizer), for tests and smoke runs.
 TINY_MODEL = dict(
@@ -124,7 +120,8 @@ TINY_MODEL = dict(
 
 
 def _cpu(c):
-    """The CPU demo: the embedded SmolLM2-135M-Instruct on short random arithmetic programs."""
+    """The CPU studies' base (``pbbjax.studies`` adds their own sizes): the embedded SmolLM2-135M-Instruct on
+    short random arithmetic programs."""
     c.domain_options.arithmetic.length = (1, 2)
     c.domain_options.arithmetic.num_inputs = (1, 1)
     c.data.update(
@@ -140,6 +137,51 @@ def _cpu(c):
     c.pipeline.update(dict(seq_len=256, batch_size=8))
     c.train.update(dict(learning_rate=2e-4, warmup_steps=3, epochs=3, checkpoint_every=5))
     c.eval.update(dict(sets=("eval", "train"), max_rows=20, max_new_tokens=12, batch_size=20, at_start=True))
+
+
+def _demo(c):
+    """The main job (the default): proactive PBB shown on the embedded SmolLM2-135M-Instruct in about 12
+    minutes on a 2-core CPU. Programs are one statement, ``return x + c`` (c in 1..30, x in 0..20): addition
+    is the arithmetic a 135M model has, so what is tested is executing a program it only read. Stage 1 takes
+    every input of each train program but the 4 held out (17 CoT executions) and 12 paraphrased code rows;
+    stage 2 has 12 code rows per eval program and as many stage-1 rows replayed, without which stage 2's
+    updates wear away the adding the model does in its traces. Choices and seeds: docs/results.md."""
+    c.domain_options.arithmetic.update(
+        dict(
+            length=(1, 1),
+            num_inputs=(1, 1),
+            operations=("+",),
+            constant_range=(1, 30),
+            operand_first_prob=0.0,
+        )
+    )
+    c.data.update(
+        dict(
+            num_train_instructions=16,
+            num_eval_instructions=8,
+            decl_repeats=12,
+            exec_per_instruction=17,  # the 21 inputs of x less the 4 held out
+            eval_inputs=4,
+            cot=True,
+            replay_fraction=REPLAY,
+            ad_n=(1, 2, 4, 8, 16),
+        )
+    )
+    c.pipeline.update(dict(seq_len=192, batch_size=2))
+    c.train.update(
+        dict(learning_rate=1e-4, warmup_steps=2, epochs=1, checkpoint_every=25, keep_checkpoints=1)
+    )
+    c.eval.update(
+        dict(
+            sets=("eval",),
+            modes=("cot",),
+            max_rows=32,
+            batch_size=16,
+            max_new_tokens=10,
+            cot_max_new_tokens=40,  # the traces run to about 25 tokens
+            at_start=False,
+        )
+    )
 
 
 def _tiny(c):
@@ -160,13 +202,14 @@ def _tiny(c):
     c.eval.update(dict(max_rows=4, max_new_tokens=8, batch_size=8))
 
 
-PRESETS = ("cpu", "tiny", *MODELS)
+PRESETS = ("demo", "cpu", "tiny", *MODELS)
 
 
 def select_preset(c: ml_collections.ConfigDict, preset: str | None) -> ml_collections.ConfigDict:
-    """``configs/<curriculum>.py:<preset>[,<pod>]``: ``cpu`` (default), ``tiny``, or a paper-scale model
-    (``qwen3-14b``...), optionally followed by a TPU pod (``qwen3-8b,v5p-64``; see ``pbbjax.presets``)."""
-    name, _, pod = (preset or "cpu").partition(",")
+    """``configs/<curriculum>.py:<preset>[,<pod>]``: ``demo`` (the default: the main job), ``cpu`` (the CPU
+    studies' base), ``tiny``, or a paper-scale model (``qwen3-14b``...), optionally followed by a TPU pod
+    (``qwen3-8b,v5p-64``; see ``pbbjax.presets``)."""
+    name, _, pod = (preset or "demo").partition(",")
     if name not in PRESETS:
         raise ValueError(
             f"unknown preset {name!r} for the {c.curriculum} config; presets: {', '.join(PRESETS)}"
@@ -176,7 +219,7 @@ def select_preset(c: ml_collections.ConfigDict, preset: str | None) -> ml_collec
     elif pod:
         raise ValueError(f"the {name} preset takes no pod ({pod!r} given); pods are for paper-scale presets")
     else:
-        {"cpu": _cpu, "tiny": _tiny}[name](c)
+        {"demo": _demo, "cpu": _cpu, "tiny": _tiny}[name](c)
     return c
 
 

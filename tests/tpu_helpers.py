@@ -99,7 +99,7 @@ class RecordingPopen:
         return "", ""
 
 
-NASTY = '--config.demo.prompt=What\'s "blorp(5)"?  $HOME `id`; echo hi > pwned'
+NASTY = '--config.corpus=What\'s "blorp(5)"?  $HOME `id`; echo hi > pwned'
 
 
 def _fake_checkout(tmp_path) -> Path:
