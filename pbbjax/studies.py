@@ -312,6 +312,21 @@ def _minimal() -> Study:
     )
 
 
+def _demo() -> Study:
+    """The main job (``configs/proactive.py``, the ``demo`` preset) over seeds: the settings of the
+    ``minimal`` study with stage 2's replay doubled (``pbbjax.config._demo``)."""
+    return Study(
+        "demo",
+        "Proactive PBB executes eval programs that stage 1 alone cannot.",
+        "Fig. 3 lower left, CoT",
+        (Run("proactive", "proactive", {}),),
+        (Arm("stage1-only", "proactive", "stage1"), Arm("proactive", "proactive", "stage2")),
+        {"demo": {}, "tiny": _TINY},
+        metrics=("accuracy", "recall"),
+        seeds=5,
+    )
+
+
 def _grammars() -> Study:
     grammar = {"domain": "grammars", "eval.temperature": 1.0, "eval.sets": ("eval",), "eval.at_start": True}
     return Study(
@@ -374,5 +389,6 @@ STUDIES: dict[str, Study] = {
         _ciphers(),
         _grammars(),
         _minimal(),
+        _demo(),
     )
 }

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 def size_of(preset: str) -> str:
     name = preset.partition(",")[0]
-    return name if name in ("tiny", "cpu") else "paper"
+    return name if name in ("tiny", "cpu", "demo") else "paper"
 
 
 def run_preset(run: Run, preset: str) -> str:
@@ -120,6 +120,8 @@ class StudyRunner:
         self.out, self.workdir = Path(out), Path(workdir)
         self.extra = dict(overrides or {})
         self.size = size_of(preset)
+        if self.size not in study.sizes:
+            raise ValueError(f"study {study.name!r} has no {preset!r} size; presets: {', '.join(study.sizes)}")
         self.arms = arms_of(study, self.config)
 
     def overrides(self, run: Run, seed: int) -> dict:
@@ -262,7 +264,7 @@ def parse_set(items: list[str]) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("study", nargs="?", choices=sorted(STUDIES), help="the study to run")
-    p.add_argument("--preset", default="cpu", help="tiny | cpu | a paper-scale model preset [,pod]")
+    p.add_argument("--preset", default="cpu", help="tiny | cpu | demo | a paper-scale model preset [,pod]")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the study's own)")
     p.add_argument("--out", default=None, help="results folder (default results/<study>/<preset>)")
     p.add_argument("--workdir", default=None, help="run folders (default runs/study/<study>/<preset>)")

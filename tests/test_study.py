@@ -216,3 +216,8 @@ def test_committed_cpu_results_match_todays_configs(name):
             seed = int(path.stem.removeprefix("seed"))
             saved = json.loads(path.read_text())["config_digest"]
             assert saved == study_mod.digest(runner.config(run, seed)), path
+
+
+def test_a_study_without_the_asked_size_names_the_presets_it_has(tmp_path):
+    with pytest.raises(ValueError, match="study 'demo' has no 'cpu' size; presets: demo, tiny"):
+        study_mod.StudyRunner(STUDIES["demo"], "cpu", 1, tmp_path / "out", tmp_path / "runs")
