@@ -71,7 +71,7 @@ def _judgement(before: dict, after: dict, never_executed: bool) -> str:
     if never_executed:
         return (
             f"Programming by Backprop worked: the model executes programs it has only read ({change}), "
-            "well above the guessing floor" + (f" ({floor:.2f})." if floor is not None else ".")
+            "above the guessing floor" + (f" ({floor:.2f})." if floor is not None else ".")
         )
     return f"Accuracy rose clearly ({change})."
 

@@ -159,7 +159,7 @@ def test_config_errors(domains):
     with pytest.raises(ValueError, match=r"unknown domain 'poetry' \(config field 'domain'\)"):
         domain_of(c)
     assert sorted(CURRICULA) == sorted(["proactive", "retroactive", "mixture", "ad", "in_context"])
-    assert curriculum_config(load_config("configs/ad.py")).ad_n == (1, 5)  # the cpu preset's N
+    assert curriculum_config(load_config("configs/ad.py")).ad_n == (1, 2, 4, 8, 16)  # the demo preset's N
 
 
 def _dump(tmp_path, name, *overrides, env):
