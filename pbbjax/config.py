@@ -12,6 +12,12 @@ A config is an ``ml_collections.ConfigDict`` with the sections:
   ``model.config_file`` then gives the model's shape (the paper presets ship ``pbbjax/model_configs/*.json``)
 - ``sandbox``: how programs from data run (``pbbjax.tasks.sandbox``): "strict" (the default; refuses to run
   where the kernel lacks a mechanism) or "weak" (a subprocess with resource limits only)
+- ``log``: experiment tracking besides ``metrics.jsonl`` and TensorBoard (``pbbjax.training.tracking``):
+  ``wandb`` (a Weights & Biases project; "" = off; needs ``pip install 'pbbjax[wandb]'``), ``wandb_entity``
+  ("" = wandb's default), ``wandb_mode`` ("" = ``WANDB_MODE`` or online; "online", "offline", "disabled")
+- ``profile``: ``steps`` = "START,COUNT" traces COUNT training steps from global step START (as numbered in
+  ``metrics.jsonl``) with ``jax.profiler`` into ``<workdir>/profile/`` ("" = off;
+  ``pbbjax.training.profiling``)
 """
 
 from __future__ import annotations
@@ -97,6 +103,8 @@ def base_config(curriculum: str, **data_overrides) -> ml_collections.ConfigDict:
         "export": True,  # export each stage's model to <workdir>/export/<stage> (models under 1B params)
         "peak_flops": 0.0,  # FLOP/s per chip for MFU; 0 = from the device kind (none on CPU)
     }
+    c.log = dict(wandb="", wandb_entity="", wandb_mode="")  # wandb: a W&B project ("" = off)
+    c.profile = dict(steps="")  # "START,COUNT": a jax.profiler trace of those global steps ("" = off)
     c.eval = {**_dataclass_dict(EvalConfig), "at_start": False}
     c.rl = {**_dataclass_dict(GRPOConfig), "stages": ()}  # GRPO settings; stages trained by GRPO, not SFT
     return c

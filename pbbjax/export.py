@@ -1,5 +1,6 @@
 """``python -m pbbjax.export --checkpoint DIR --out HF_DIR [--stage NAME] [--step N]``: a run's Orbax
-checkpoint -> a Hugging Face model directory, on CPU, for any model size.
+checkpoint -> a Hugging Face model directory, on CPU, for any model size; ``--push-to-hub ORG/NAME``
+then adds a model card and uploads the directory (``pbbjax.hub``).
 
 This module owns finding the checkpoint to export in a run (``<workdir>/checkpoints/<step>/``, and the
 ends of branched stages in ``<workdir>/stage_ends/<stage>/``), streaming its parameters out of Orbax's
@@ -39,7 +40,7 @@ import tensorstore as ts
 from etils import epath
 from flax import nnx
 
-from pbbjax import console
+from pbbjax import console, hub
 from pbbjax.distributed import launched_process_index
 from pbbjax.models.config import DTYPES, ModelConfig, resolve_dtype
 from pbbjax.models.decoder import Transformer
@@ -396,6 +397,17 @@ def _export(checkpoint, out, stage, step, model, dtype, max_shard_bytes, block_b
     return Path(out)
 
 
+def _push_to_hub(out, checkpoint, stage, step, repo_id: str, token: str, public: bool) -> None:
+    """The model card (from the run's results.json) into the export ``out``, then ``out`` to the Hub."""
+    found, workdir = find_checkpoints(checkpoint)
+    picked = select_checkpoint(found, _as_path(checkpoint), stage, step)
+    results = workdir / "results.json"
+    results = json.loads(results.read_text()) if results.is_file() else None
+    (Path(out) / "README.md").write_text(hub.model_card(repo_id, results, picked))
+    url = hub.push(Path(out), repo_id, token, public=public)
+    print(f"pushed {out} with its model card to {url} ({'public' if public else 'private'})")
+
+
 def _return_freed_buffers_to_the_os() -> None:
     """glibc keeps freed buffers below its adaptive mmap threshold (up to 32 MiB) in the heap, where a
     stream of tensor-sized buffers fragments it (measured: +25-35% peak RSS); with a fixed 1 MiB threshold
@@ -416,19 +428,28 @@ def main(argv: list[str] | None = None) -> None:
     arg("--model", help="the HF directory the run started from (default: <workdir>/source_model)")
     arg("--dtype", choices=sorted(DTYPES), help="the exported dtype (default: the checkpoint's)")
     arg("--max-shard-bytes", type=int, default=2 * 1024**3, help="safetensors shard size (default 2 GiB)")
+    arg("--push-to-hub", metavar="ORG/NAME", help="then upload the export with a model card to this Hub repo")
+    arg("--public", action="store_true", help="with --push-to-hub: a public repository (default: private)")
     arg("--verbose", action="store_true", help=console.VERBOSE_HELP)
     args = vars(parser.parse_args(argv))
     console.configure(args.pop("verbose"))
     if args["max_shard_bytes"] <= 0:
         parser.error("--max-shard-bytes must be positive")
+    repo_id, public = args.pop("push_to_hub"), args.pop("public")
+    if public and not repo_id:
+        parser.error("--public is for --push-to-hub")
     if (index := launched_process_index()) != 0:  # a host-side tool: one host of a pod writes
         print(f"pbbjax.export: process {index} of a pod: process 0 exports; nothing to do here")
         return
-    jax.config.update("jax_platforms", "cpu")  # never claims an accelerator a run may be using
-    _return_freed_buffers_to_the_os()
     try:
-        export_checkpoint(args.pop("checkpoint"), args.pop("out"), **args)
-    except ExportError as e:
+        token = hub.check_push(repo_id) if repo_id else None  # before any compute
+        jax.config.update("jax_platforms", "cpu")  # never claims an accelerator a run may be using
+        _return_freed_buffers_to_the_os()
+        checkpoint, out = args.pop("checkpoint"), args.pop("out")
+        export_checkpoint(checkpoint, out, **args)
+        if repo_id:
+            _push_to_hub(out, checkpoint, args["stage"], args["step"], repo_id, token, public)
+    except (ExportError, hub.HubError) as e:
         raise SystemExit(f"pbbjax.export: error: {e}") from None
 
 

@@ -100,9 +100,10 @@ def command_of(run: Run, preset: str, overrides: dict) -> str:
     return f"python -m pbbjax.train --config configs/{run.config}.py:{run_preset(run, preset)} {flags}"
 
 
-# Fields that say where and how a run executes, not what it computes: left out of the digest, so that a
-# study's committed results stay valid when such a field is added or set (a pod, a weaker sandbox).
-NOT_DIGESTED = ("workdir", "cluster", "sandbox")
+# Fields that say where and how a run executes or is watched, not what it computes: left out of the digest,
+# so that a study's committed results stay valid when such a field is added or set (a pod, a weaker
+# sandbox, wandb tracking, a profile).
+NOT_DIGESTED = ("workdir", "cluster", "sandbox", "log", "profile")
 
 
 def digest(config) -> str:

