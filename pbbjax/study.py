@@ -122,7 +122,9 @@ class StudyRunner:
         self.extra = dict(overrides or {})
         self.size = size_of(preset)
         if self.size not in study.sizes:
-            raise ValueError(f"study {study.name!r} has no {preset!r} size; presets: {', '.join(study.sizes)}")
+            raise ValueError(
+                f"study {study.name!r} has no {preset!r} size; presets: {', '.join(study.sizes)}"
+            )
         self.arms = arms_of(study, self.config)
 
     def overrides(self, run: Run, seed: int) -> dict:

@@ -3,7 +3,8 @@ set's accuracy changed over the last stage, a verdict, and sample eval programs 
 
 ``explain(records, curriculum)`` returns the text the trainer prints after its results table. It compares the
 eval set's final record of the last stage with that of the stage it started from (or ``start``), in the
-first evaluated mode, using each record's bootstrap interval and guessing floor (``pbbjax.evaluation``).
+first evaluated mode, using each record's bootstrap interval and guessing floor (``pbbjax.evaluation``), and
+where the domain measures it, the share of traces that state the right program (``recall``).
 """
 
 from __future__ import annotations
@@ -98,6 +99,11 @@ def explain(records: list[dict], curriculum: Curriculum) -> str:
         f"{before['accuracy']:.2f}{_ci(before)}, after {after['after']} {after['accuracy']:.2f}{_ci(after)}"
         + (f"; guessing floor {floor:.2f}." if floor is not None else ".")
     )
+    if (recall := after.get("recall")) is not None:  # arithmetic CoT: the traces state the right program
+        lines.append(
+            f"  Its traces state the right program in {recall:.0%} of these rows (after {before['after']}: "
+            f"{before.get('recall', 0.0):.0%}); a row that does and still misses has the arithmetic wrong."
+        )
     lines.append(f"Verdict: {_judgement(before, after, never_executed)}")
     lines += _samples(before, after, curriculum)
     return "\n".join(lines)

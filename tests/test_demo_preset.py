@@ -1,5 +1,6 @@
-"""The main job's default (``demo``) preset builds the curriculum its docstring and docs/results.md describe:
-every count of programs, rows and held-out inputs, and no execution of an eval program anywhere in training."""
+"""The main job's default (``demo``) preset builds the curriculum that its docstring and docs/results.md
+describe: every count of programs, rows and held-out inputs, and no execution of an eval program in
+training."""
 
 from collections import Counter
 
@@ -9,7 +10,9 @@ from pbbjax.study import load_config
 
 
 def test_the_main_job_defaults_to_the_demo_preset():
-    assert load_config("proactive", None).to_dict() == select_preset(base_config("proactive"), "demo").to_dict()
+    assert (
+        load_config("proactive", None).to_dict() == select_preset(base_config("proactive"), "demo").to_dict()
+    )
 
 
 def test_demo_curriculum_counts():

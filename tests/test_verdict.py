@@ -74,6 +74,15 @@ def test_pbb_verdict_when_intervals_are_apart_and_above_the_floor():
         "After stage1 (wrong): Answer: 9" in text and "After stage2 (right): return x + 3 | Answer: 4" in text
     )
     assert "Sample 2: G" in text and "After stage1 (wrong): x = 2 | Answer: 1" in text
+    assert "state the right program" not in text  # no recall in these records
+
+
+def test_recall_says_how_many_traces_state_the_right_program():
+    cur = _curriculum([_row("declarative", "eval")])
+    records = [_record("stage1", 0.0, 0.0, 0.0), _record("stage2", 0.5, 0.4, 0.6)]
+    records[0]["recall"], records[1]["recall"] = 0.0, 0.97
+    text = explain(records, cur)
+    assert "state the right program in 97% of these rows (after stage1: 0%)" in text
 
 
 def test_overlapping_intervals_are_no_clear_change():

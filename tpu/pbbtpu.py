@@ -332,7 +332,7 @@ def _add_group(p: argparse.ArgumentParser, group: str) -> None:
 
 
 OVERRIDES_EPILOG = (
-    "Config overrides go last, after '--': ... -- --config.train.steps=100 '--config.corpus=my programs.jsonl'. "
+    "Config overrides go last, after '--': ... -- --config.train.steps=100 '--config.corpus=my set.jsonl'. "
     "They reach python -m pbbjax.train on every worker exactly as given."
 )
 
