@@ -30,6 +30,11 @@ def describe_stage(stage: Stage) -> str:
     return ", ".join(parts) or "no rows"
 
 
+def never_executed(curriculum: Curriculum) -> bool:
+    """No training row executes an eval program: what the eval set then measures is PBB."""
+    return not any(r.kind == "execution" and r.split == "eval" for s in curriculum.stages for r in s.rows)
+
+
 def _ci(r: dict) -> str:
     return f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if r.get("ci_low") is not None else ""
 
@@ -84,11 +89,9 @@ def explain(records: list[dict], curriculum: Curriculum) -> str:
         return ""
     before, after = pair
     stages = {s.name: s for s in curriculum.stages}
-    never_executed = not any(
-        r.kind == "execution" and r.split == "eval" for s in curriculum.stages for r in s.rows
-    )
+    pbb = never_executed(curriculum)
     lines = ["", "What happened:"]
-    if never_executed:
+    if pbb:
         lines.append("  The eval programs were never executed in training; the model saw only their code.")
     for name in (before["after"], after["after"]):
         what = describe_stage(stages[name]) if name in stages else "the model as loaded, before training"
@@ -104,7 +107,7 @@ def explain(records: list[dict], curriculum: Curriculum) -> str:
             f"  Its traces state the right program in {recall:.0%} of these rows (after {before['after']}: "
             f"{before.get('recall', 0.0):.0%}); a row that does and still misses has the arithmetic wrong."
         )
-    lines.append(f"Verdict: {_judgement(before, after, never_executed)}")
+    lines.append(f"Verdict: {_judgement(before, after, pbb)}")
     lines += _samples(before, after, curriculum)
     return "\n".join(lines)
 

@@ -206,13 +206,19 @@ def test_paper_scale_study_compiles_on_its_pod():
     assert study_mod.main(["exchange-rate", "--preset", "qwen3-0.6b,v5e-4", "--compile-only", "v5e:2x2"]) == 0
 
 
-@pytest.mark.parametrize("name", sorted(p.parent.name for p in (ROOT / "results").glob("*/cpu")))
-def test_committed_cpu_results_match_todays_configs(name):
-    """Each committed ``results/<study>/cpu`` record was written by the config the study builds today
+COMMITTED = sorted(
+    (p.parent.name, p.name) for p in (ROOT / "results").glob("*/*") if p.name in ("cpu", "demo")
+)
+
+
+@pytest.mark.parametrize("name,preset", COMMITTED)
+def test_committed_results_match_todays_configs(name, preset):
+    """Each committed ``results/<study>/<preset>`` record was written by the config the study builds today
     (its digest), so ``--report-only`` and resuming still accept them; a preset change must move them."""
-    runner = study_mod.StudyRunner(STUDIES[name], "cpu", 1, ROOT / "results" / name / "cpu", ROOT / "runs")
+    out = ROOT / "results" / name / preset
+    runner = study_mod.StudyRunner(STUDIES[name], preset, 1, out, ROOT / "runs")
     for run in STUDIES[name].runs:
-        for path in sorted((ROOT / "results" / name / "cpu" / "runs" / run.name).glob("seed*.json")):
+        for path in sorted((out / "runs" / run.name).glob("seed*.json")):
             seed = int(path.stem.removeprefix("seed"))
             saved = json.loads(path.read_text())["config_digest"]
             assert saved == study_mod.digest(runner.config(run, seed)), path

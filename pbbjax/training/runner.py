@@ -45,7 +45,7 @@ from pbbjax.training.preemption import Preempted, PreemptionWatch
 from pbbjax.training.profiling import StepProfiler, profile_window
 from pbbjax.training.rollout import GRPOStepper, grpo_optimizer, text_reward_fn
 from pbbjax.training.tracking import RUN_ID_FILE, wandb_config
-from pbbjax.verdict import describe_stage, explain
+from pbbjax.verdict import describe_stage, explain, never_executed
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,10 @@ class Runner:
             print(text)
         from pbbjax.plots import write_plots
 
-        for path in write_plots(self.records, self.workdir / "plots", title=f"{c.curriculum}, {c.domain}"):
+        title = f"{c.curriculum}, {c.domain}"
+        if never_executed(self.curriculum) and self.curriculum.stages:
+            title += "\neval programs: only their code in training"
+        for path in write_plots(self.records, self.workdir / "plots", title=title):
             print(f"plot: {path}")
         self._push("plots", "tensorboard", "metrics.jsonl", "profile")
 
