@@ -53,7 +53,7 @@ from pbbjax.tasks.base import ANSWER_MARKER, Domain, Example, Instruction, extra
 from pbbjax.training.metrics import format_table
 
 MODES = ("direct", "cot", "in_context", "zero_shot")
-SAMPLES = 3  # sample generations kept per record: the first row of each of the first SAMPLES programs
+SAMPLES = 8  # sample generations kept per record: the first row of each of the first SAMPLES programs
 ZERO_SHOT_HINT = f'\n\nWork it out, then end your reply with a line of the form "{ANSWER_MARKER} <result>".'
 
 

@@ -112,16 +112,30 @@ def explain(records: list[dict], curriculum: Curriculum) -> str:
     return "\n".join(lines)
 
 
+def _pick(candidates: list[dict]) -> list[tuple[str, dict]]:
+    """Up to ``SAMPLES`` samples, in the records' order (the first row of each program): the first that the
+    last stage answers right and the first it answers wrong where both exist, else the first ones."""
+    right = [s for s in candidates if s["score"]]
+    wrong = [s for s in candidates if not s["score"]]
+    if right and wrong:
+        return [("one it now answers right", right[0]), ("one it still misses", wrong[0])][:SAMPLES]
+    return [("", s) for s in candidates[:SAMPLES]]
+
+
 def _samples(before: dict, after: dict, curriculum: Curriculum) -> list[str]:
-    """The first ``SAMPLES`` eval programs of the records' samples, each with its code and both answers."""
+    """Sample eval programs (``_pick``), each with its code, the question and both stages' answers."""
     earlier = {s["prompt"]: s for s in before.get("samples", [])}
-    lines, seen = [], set()
+    candidates, seen = [], set()
     for s in after.get("samples", []):
-        ins = curriculum.instructions.get(s.get("instruction", ""))
-        if ins is None or ins.id in seen or s["prompt"] not in earlier or len(seen) == SAMPLES:
-            continue
-        seen.add(ins.id)
-        lines += ["", f"Sample {len(seen)}: {ins.name}, an eval program. Its code, as training showed it:"]
+        ins = s.get("instruction", "")
+        if ins in curriculum.instructions and ins not in seen and s["prompt"] in earlier:
+            seen.add(ins)
+            candidates.append(s)
+    lines = []
+    for n, (why, s) in enumerate(_pick(candidates), 1):
+        ins = curriculum.instructions[s["instruction"]]
+        why = f" ({why})" if why else ""
+        lines += ["", f"Sample {n}{why}: {ins.name}, an eval program. Its code, as training showed it:"]
         lines += [f"    {line}" for line in ins.text.strip().splitlines()]
         lines.append(f"  Asked: {_one_line(s['prompt'])}   True answer: {s['expected']}")
         for label, sample in ((before["after"], earlier[s["prompt"]]), (after["after"], s)):

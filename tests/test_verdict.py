@@ -68,12 +68,12 @@ def test_pbb_verdict_when_intervals_are_apart_and_above_the_floor():
     assert "never executed in training" in text
     assert "Verdict: Programming by Backprop worked" in text and "0.00 -> 0.75 [0.60, 0.90]" in text
     # both samples: the program's code, the question, the true answer, both outputs on one line each
-    assert "Sample 1: F" in text and "        return x + 3" in text
+    assert "Sample 1 (one it now answers right): F" in text and "        return x + 3" in text
     assert "Asked: f(1)?   True answer: 4" in text
     assert (
         "After stage1 (wrong): Answer: 9" in text and "After stage2 (right): return x + 3 | Answer: 4" in text
     )
-    assert "Sample 2: G" in text and "After stage1 (wrong): x = 2 | Answer: 1" in text
+    assert "Sample 2 (one it still misses): G" in text and "After stage1 (wrong): x = 2 | Answer: 1" in text
     assert "state the right program" not in text  # no recall in these records
 
 
@@ -114,3 +114,13 @@ def test_a_branch_compares_with_the_stage_it_starts_from_and_no_pair_gives_nothi
     ]
     assert "after stage1 0.00 [0.00, 0.00], after stage2 0.10" in explain(records, cur)
     assert explain([_record("stage2", 0.5, 0.4, 0.6)], cur) == ""
+
+
+def test_samples_without_both_outcomes_are_the_first_programs_unlabelled():
+    cur = _curriculum([_row("declarative", "eval")])
+    wrong = [dict(s, score=0.0) for s in AFTER]
+    text = explain(
+        [_record("stage1", 0.0, 0.0, 0.0, samples=BEFORE), _record("stage2", 0.0, 0.0, 0.0, samples=wrong)],
+        cur,
+    )
+    assert "Sample 1: F" in text and "Sample 2: G" in text and "Sample 3" not in text
