@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pbbjax import memory, presets
+from pbbjax.config import lora_config, param_dtype
 from pbbjax.models.config import ModelConfig
 from pbbjax.models.hf_io import abstract_model
 from pbbjax.models.sharding import logical_to_spec, make_mesh
@@ -213,10 +214,11 @@ def model_config(config) -> ModelConfig:
     (``model.path``, the tiny preset's fields over the default model's vocabulary, or the default model)."""
     m = config.model
     options = dict(
-        param_dtype=m.dtype,
+        param_dtype=param_dtype(config),
         compute_dtype=m.compute_dtype or m.dtype,
         scan_layers=m.scan_layers,
         remat=m.remat,
+        lora=lora_config(config),
     )
     if m.config_file:
         return presets.load_model_config(m.config_file, **options)
