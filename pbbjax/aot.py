@@ -187,10 +187,13 @@ def topology_devices(topology: str) -> list:
     # Compile-only use of libtpu needs no lock on the TPU (other processes may hold it), and no workers.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # A slice smaller than one host (v5e:1x1) needs host bounds of its own size; libtpu assumes 2x2x1.
+    dims = [int(d) for d in name.partition(":")[2].split("x") if d.isdigit()]
+    small = dict(chips_per_host_bounds=(*dims, 1, 1)[:3]) if dims and math.prod(dims) < 4 else {}
     try:
         from jax.experimental import topologies
 
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **small).devices)
     except Exception as e:  # libtpu missing, or a name libtpu rejects
         raise ValueError(
             f"compile_only_topology {topology!r}: no TPU topology ({type(e).__name__}: {e}). Give a topology "

@@ -28,7 +28,7 @@ from pbbjax.distributed import CLUSTER_DEFAULTS
 from pbbjax.evaluation import EvalConfig
 from pbbjax.models.config import LORA_TARGETS, LoRAConfig
 from pbbjax.pipeline import PipelineConfig
-from pbbjax.presets import MODELS, apply_paper
+from pbbjax.presets import LORA_PRESETS, MODELS, apply_paper
 from pbbjax.tasks.base import _REGISTRY, get_domain
 from pbbjax.tasks.sandbox import set_mode as set_sandbox_mode
 from pbbjax.training.grpo import GRPOConfig
@@ -165,18 +165,19 @@ def _tiny(c):
     c.eval.update(dict(max_rows=4, max_new_tokens=8, batch_size=8))
 
 
-PRESETS = ("cpu", "tiny", *MODELS)
+PRESETS = ("cpu", "tiny", *MODELS, *LORA_PRESETS)
 
 
 def select_preset(c: ml_collections.ConfigDict, preset: str | None) -> ml_collections.ConfigDict:
     """``configs/<curriculum>.py:<preset>[,<pod>]``: ``cpu`` (default), ``tiny``, or a paper-scale model
-    (``qwen3-14b``...), optionally followed by a TPU pod (``qwen3-8b,v5p-64``; see ``pbbjax.presets``)."""
+    (``qwen3-14b``..., or ``qwen3-4b-lora``... for LoRA), optionally followed by a TPU pod
+    (``qwen3-8b,v5p-64``; see ``pbbjax.presets``)."""
     name, _, pod = (preset or "cpu").partition(",")
     if name not in PRESETS:
         raise ValueError(
             f"unknown preset {name!r} for the {c.curriculum} config; presets: {', '.join(PRESETS)}"
         )
-    if name in MODELS:
+    if name in MODELS or name in LORA_PRESETS:
         apply_paper(c, name, pod or None)
     elif pod:
         raise ValueError(f"the {name} preset takes no pod ({pod!r} given); pods are for paper-scale presets")
