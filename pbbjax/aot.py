@@ -314,10 +314,17 @@ def run(config) -> int:
     gen, hbm = usable_hbm(devices)
     ctx = build_context(config, devices)
     steps = [s for build in STEP_BUILDERS for s in build(ctx)]
+    lora = ctx.cfg.lora
+    adapters = (
+        f"LoRA rank {lora.rank} on {','.join(lora.targets)} ({ctx.cfg.num_lora_params / 1e6:.1f}M "
+        f"{lora.dtype} adapter parameters, the base frozen); "
+        if lora
+        else ""
+    )
     print(
         f"compile-only: {config.compile_only_topology}, {len(devices)} devices ({devices[0].device_kind}), "
         f"mesh {dict(ctx.mesh.shape)}; {ctx.cfg.model_type} of {ctx.cfg.num_params / 1e9:.2f}B parameters, "
-        f"{ctx.cfg.param_dtype} params, {ctx.cfg.compute_dtype} compute, remat {ctx.cfg.remat}; "
+        f"{ctx.cfg.param_dtype} params, {ctx.cfg.compute_dtype} compute, remat {ctx.cfg.remat}; {adapters}"
         f"batch {config.pipeline.batch_size} x {config.pipeline.seq_len}, "
         f"microbatches {ctx.optim.microbatches}",
         flush=True,

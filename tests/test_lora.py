@@ -3,6 +3,7 @@
 export CLI, the memory estimate, and the errors of a bad ``model.lora`` config."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -194,3 +195,17 @@ def test_memory_estimate_counts_adapters_only_in_the_optimizer():
     full_cfg = ctx.cfg.replace(lora=None, param_dtype="float32")
     full = memory.train_estimate(full_cfg, ctx.layout, batch=64, seq_len=1024)
     assert est["optimizer"] < 0.1 * full["optimizer"] and est["params"] < 0.6 * full["params"]
+
+
+def test_bad_lora_field_on_the_command_line_fails_before_any_compute(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pbbjax.train", "--config", "configs/proactive.py:tiny",
+           "--config.model.lora.rank=4", "--config.model.lora.targets=q_proj,qkv_proj",
+           f"--config.workdir={tmp_path}"]  # fmt: skip
+    root = Path(__file__).parent.parent
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "model.lora.targets ['q_proj', 'qkv_proj']: ['qkv_proj'] match no weight" in done.stderr
+    assert not (tmp_path / "tiny_model").exists()  # failed before writing the tiny model
