@@ -124,6 +124,17 @@ def _read_json_item(step_dir: Path, item: str) -> dict | None:
         return None
 
 
+def checkpoint_lora(info: dict) -> LoRAConfig | None:
+    """The LoRA adapters a checkpoint holds, from the fingerprint in its ``info`` item (None: no LoRA)."""
+    lora = info.get("fingerprint", {}).get("lora")
+    return LoRAConfig(lora["rank"], lora["alpha"], tuple(lora["targets"])) if lora else None
+
+
+def read_info(step_dir: Path) -> dict:
+    """A checkpoint's ``info`` item (fingerprint, checksums); {} when it cannot be read."""
+    return _read_json_item(step_dir, "info") or {}
+
+
 def _list(root: Path) -> list[Checkpoint]:
     """The committed checkpoints in ``root`` (Orbax lists no half-written step)."""
     stage_end = root.parent.name == "stage_ends"
@@ -389,10 +400,8 @@ def _export(checkpoint, out, stage, step, model, dtype, max_shard_bytes, block_b
     print(f"exporting {picked} with the config and tokenizer of {source}")
     generation = source / "generation_config.json"
     generation = json.loads(generation.read_text()) if generation.is_file() else {}
-    info = _read_json_item(picked.path, "info") or {}
-    lora = info.get("fingerprint", {}).get("lora")
-    lora = LoRAConfig(lora["rank"], lora["alpha"], tuple(lora["targets"])) if lora else None
-    cfg = ModelConfig.from_dir(source, generation_config=generation, lora=lora)
+    info = read_info(picked.path)
+    cfg = ModelConfig.from_dir(source, generation_config=generation, lora=checkpoint_lora(info))
     leaves = _param_leaves(cfg)
     arrays = CheckpointArrays(picked.path)
     for name, _, want in leaves.values():

@@ -94,6 +94,21 @@ def test_optimizer_state_holds_only_the_adapters_sharded_like_their_base(hf_dirs
     assert all(x.sharding == by_shape[x.shape] for x in moments)
 
 
+def test_initial_adapters_come_from_the_seed_whatever_the_mesh(hf_dirs):
+    path = hf_dirs["llama_gqa"][1]
+
+    def a_matrices(seed, mesh=None):
+        model, _ = load_model(path, mesh=mesh, tokenizer=False, lora=LoRAConfig(rank=4, seed=seed))
+        return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, LoRAParam))}
+
+    one, sharded = a_matrices(3), a_matrices(3, make_mesh(data=2, fsdp=2, tensor=2))
+    other = a_matrices(4)
+    for p, x in one.items():
+        assert np.array_equal(x, sharded[p]), p
+        is_a = p[-1].endswith("_a")
+        assert (np.abs(x).max() > 0) == is_a and (not np.array_equal(x, other[p])) == is_a, p
+
+
 def _batch(rows=4, length=16, vocab=128):
     tokens = _ids(vocab, (rows, length), seed=3).astype(np.int32)
     ones = np.ones_like(tokens)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import hf_logits
+from conftest import hf_logits, load_config
 from safetensors.numpy import load_file
 
 from pbbjax.export import export_checkpoint
@@ -101,6 +101,19 @@ def test_export_cli_merges_or_writes_the_adapters_for_peft(run, tmp_path):
         info = next((full / "checkpoints").glob("*/info"))
         _strip_lora_fingerprint(info)
         export_checkpoint(info.parent, tmp_path / "none", adapter=True)
+
+
+def test_evaluate_restores_the_adapters_the_checkpoint_names(run):
+    import transformers
+
+    from pbbjax.evaluate import load_for_eval
+
+    config = load_config("configs/proactive.py:tiny")  # no model.lora given: the checkpoint's fingerprint
+    model, _, label, _ = load_for_eval(config, run, stage="stage2")
+    assert label == "stage2-step8" and model.cfg.lora.rank == 4
+    ids = np.random.default_rng(1).integers(0, 1000, (2, 12))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(run / "export" / "stage2").eval()
+    assert np.abs(np.asarray(model(ids)) - hf_logits(merged, ids)).max() < 1e-4
 
 
 def _strip_lora_fingerprint(info_dir: Path):

@@ -6,7 +6,8 @@ A targeted projection ``W`` (our layout ``[*in, *out]``, see ``layers.py``) gain
 with a = sqrt(5)), drawn from ``LoRAConfig.seed`` and the projection's name, whatever the mesh; B starts at
 zero, so a fresh adapter changes no logit. Each adapter carries its base weight's logical axes on the
 dimensions it shares with it (A its inputs, B its outputs) and ``lora_rank`` (replicated) on the other,
-so ``sharding.py``'s rules lay it out like its base weight.
+so ``sharding.py``'s rules lay it out like its base weight. (An adapter whose shared side is heads or MLP,
+B of q/k/v/gate/up and A of o/down, is thus replicated over ``fsdp``; adapters are small.)
 
 ``trainable_split`` is what the train steps differentiate and update: the adapters when the model has any
 (the base gets no gradient and no optimizer state), every parameter otherwise.
