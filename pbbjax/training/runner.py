@@ -342,15 +342,15 @@ class Runner:
         return any(r["after"] == after and r["final"] for r in self.records)
 
     def _export(self, name, params):
-        if self.config.train.export and (
-            self.config.train.export == "always" or self.model.cfg.num_params < 1e9
-        ):
-            model = nnx.merge(self.graphdef, params)
+        if not self.config.train.export:
+            return
+        model = nnx.merge(self.graphdef, params)
+        if self.config.train.export == "always" or self.model.cfg.num_params < 1e9:
             save_model(model, self.workdir / "export" / name, tokenizer=self.tokenizer)  # LoRA: merged
             self._push(f"export/{name}")
-            if model.cfg.lora:  # and the adapters alone, for peft
-                save_adapter(model, self.workdir / "export" / f"{name}-adapter", self.config.model.path)
-                self._push(f"export/{name}-adapter")
+        if model.cfg.lora:  # and the adapters alone (small, whatever the model's size), for peft
+            save_adapter(model, self.workdir / "export" / f"{name}-adapter", self.config.model.path)
+            self._push(f"export/{name}-adapter")
 
     def _stage_end_checkpointer(self, name):
         return Checkpointer(
