@@ -2,6 +2,7 @@
 (no gradient, no optimizer state, bit-identical after training), sharding, GRPO, the runner's resume and
 export CLI, the memory estimate, and the errors of a bad ``model.lora`` config."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -224,3 +225,16 @@ def test_bad_lora_field_on_the_command_line_fails_before_any_compute(tmp_path):
     assert done.returncode != 0
     assert "model.lora.targets ['q_proj', 'qkv_proj']: ['qkv_proj'] match no weight" in done.stderr
     assert not (tmp_path / "tiny_model").exists()  # failed before writing the tiny model
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="compile-only mode needs libtpu")
+def test_compile_only_tiny_lora_on_one_v5e_chip():
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pbbjax.train", "--config", "configs/proactive.py:tiny",
+           "--config.model.lora.rank=4", "--config.compile_only_topology=v5e-1"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "1 devices (TPU v5 lite)" in done.stdout and "LoRA rank 4 on q_proj," in done.stdout
+    assert "all steps fit" in done.stdout
