@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pbbjax import memory, presets
+from pbbjax.config import lora_config, param_dtype
 from pbbjax.models.config import ModelConfig
 from pbbjax.models.hf_io import abstract_model
 from pbbjax.models.sharding import logical_to_spec, make_mesh
@@ -186,10 +187,13 @@ def topology_devices(topology: str) -> list:
     # Compile-only use of libtpu needs no lock on the TPU (other processes may hold it), and no workers.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # A slice smaller than one host (v5e:1x1) needs host bounds of its own size; libtpu assumes 2x2x1.
+    dims = [int(d) for d in name.partition(":")[2].split("x") if d.isdigit()]
+    small = dict(chips_per_host_bounds=(*dims, 1, 1)[:3]) if dims and math.prod(dims) < 4 else {}
     try:
         from jax.experimental import topologies
 
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **small).devices)
     except Exception as e:  # libtpu missing, or a name libtpu rejects
         raise ValueError(
             f"compile_only_topology {topology!r}: no TPU topology ({type(e).__name__}: {e}). Give a topology "
@@ -213,10 +217,11 @@ def model_config(config) -> ModelConfig:
     (``model.path``, the tiny preset's fields over the default model's vocabulary, or the default model)."""
     m = config.model
     options = dict(
-        param_dtype=m.dtype,
+        param_dtype=param_dtype(config),
         compute_dtype=m.compute_dtype or m.dtype,
         scan_layers=m.scan_layers,
         remat=m.remat,
+        lora=lora_config(config),
     )
     if m.config_file:
         return presets.load_model_config(m.config_file, **options)
@@ -309,10 +314,17 @@ def run(config) -> int:
     gen, hbm = usable_hbm(devices)
     ctx = build_context(config, devices)
     steps = [s for build in STEP_BUILDERS for s in build(ctx)]
+    lora = ctx.cfg.lora
+    adapters = (
+        f"LoRA rank {lora.rank} on {','.join(lora.targets)} ({ctx.cfg.num_lora_params / 1e6:.1f}M "
+        f"{lora.dtype} adapter parameters, the base frozen); "
+        if lora
+        else ""
+    )
     print(
         f"compile-only: {config.compile_only_topology}, {len(devices)} devices ({devices[0].device_kind}), "
         f"mesh {dict(ctx.mesh.shape)}; {ctx.cfg.model_type} of {ctx.cfg.num_params / 1e9:.2f}B parameters, "
-        f"{ctx.cfg.param_dtype} params, {ctx.cfg.compute_dtype} compute, remat {ctx.cfg.remat}; "
+        f"{ctx.cfg.param_dtype} params, {ctx.cfg.compute_dtype} compute, remat {ctx.cfg.remat}; {adapters}"
         f"batch {config.pipeline.batch_size} x {config.pipeline.seq_len}, "
         f"microbatches {ctx.optim.microbatches}",
         flush=True,

@@ -6,7 +6,8 @@ A config is an ``ml_collections.ConfigDict`` with the sections:
 - ``domain_options.<domain>.<option>``: every constructor option of every registered domain, with its
   default (so ``--config.domain_options.ciphers.demonstration_shifts=...`` works and a typo is an error)
 - ``data``: ``curriculum.CurriculumConfig`` fields; ``pipeline``: ``pipeline.PipelineConfig`` fields
-- ``model``: ``path`` ("" = the embedded SmolLM2-135M-Instruct), ``dtype``, ``compute_dtype``
+- ``model``: ``path`` ("" = the embedded SmolLM2-135M-Instruct), ``dtype``, ``compute_dtype``;
+  ``model.lora``: ``rank`` (0 = full finetuning), ``alpha``, ``targets``, ``dropout``, ``base_dtype``
 - ``mesh``: ``data``, ``fsdp``, ``tensor`` sizes (-1 = the remaining devices)
 - ``compile_only_topology``: a TPU topology or pod to only compile the run's steps for (``pbbjax.aot``);
   ``model.config_file`` then gives the model's shape (the paper presets ship ``pbbjax/model_configs/*.json``)
@@ -30,8 +31,9 @@ import ml_collections
 from pbbjax.curriculum import CURRICULA, CurriculumConfig
 from pbbjax.distributed import CLUSTER_DEFAULTS
 from pbbjax.evaluation import EvalConfig
+from pbbjax.models.config import LORA_TARGETS, LoRAConfig
 from pbbjax.pipeline import PipelineConfig
-from pbbjax.presets import MODELS, apply_paper
+from pbbjax.presets import LORA_PRESETS, MODELS, apply_paper
 from pbbjax.tasks.base import _REGISTRY, get_domain
 from pbbjax.tasks.sandbox import set_mode as set_sandbox_mode
 from pbbjax.training.grpo import GRPOConfig
@@ -92,6 +94,9 @@ def base_config(curriculum: str, **data_overrides) -> ml_collections.ConfigDict:
     c.model = dict(
         path="", config_file="", dtype="float32", compute_dtype="", scan_layers=False, remat="none", tiny={}
     )
+    # LoRA (rank > 0): adapters on the `targets` projections in `dtype`, the base frozen in `base_dtype`
+    # ("" = dtype); dropout must be 0 (not implemented)
+    c.model.lora = dict(rank=0, alpha=16.0, targets=LORA_TARGETS, dropout=0.0, base_dtype="")
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.train = {
         **_dataclass_dict(OptimConfig),
@@ -210,19 +215,19 @@ def _tiny(c):
     c.eval.update(dict(max_rows=4, max_new_tokens=8, batch_size=8))
 
 
-PRESETS = ("demo", "cpu", "tiny", *MODELS)
+PRESETS = ("demo", "cpu", "tiny", *MODELS, *LORA_PRESETS)
 
 
 def select_preset(c: ml_collections.ConfigDict, preset: str | None) -> ml_collections.ConfigDict:
     """``configs/<curriculum>.py:<preset>[,<pod>]``: ``demo`` (the default: the main job), ``cpu`` (the CPU
-    studies' base), ``tiny``, or a paper-scale model (``qwen3-14b``...), optionally followed by a TPU pod
-    (``qwen3-8b,v5p-64``; see ``pbbjax.presets``)."""
+    studies' base), ``tiny``, or a paper-scale model (``qwen3-14b``..., or ``qwen3-4b-lora``... for LoRA),
+    optionally followed by a TPU pod (``qwen3-8b,v5p-64``; see ``pbbjax.presets``)."""
     name, _, pod = (preset or "demo").partition(",")
     if name not in PRESETS:
         raise ValueError(
             f"unknown preset {name!r} for the {c.curriculum} config; presets: {', '.join(PRESETS)}"
         )
-    if name in MODELS:
+    if name in MODELS or name in LORA_PRESETS:
         apply_paper(c, name, pod or None)
     elif pod:
         raise ValueError(f"the {name} preset takes no pod ({pod!r} given); pods are for paper-scale presets")
@@ -249,6 +254,21 @@ def domain_of(c: ml_collections.ConfigDict):
 def curriculum_config(c: ml_collections.ConfigDict) -> CurriculumConfig:
     data = c.data.to_dict()
     return CurriculumConfig(**{**data, "seed": c.seed})
+
+
+def lora_config(c: ml_collections.ConfigDict) -> LoRAConfig | None:
+    """``model.lora`` as the model's LoRAConfig (None at rank 0): adapters in ``model.dtype``, their initial
+    A matrices drawn from ``seed``."""
+    lora = c.model.lora
+    if lora.rank == 0:
+        return None
+    fields = dict(rank=lora.rank, alpha=lora.alpha, targets=as_tuple(lora.targets), dropout=lora.dropout)
+    return LoRAConfig(**fields, dtype=c.model.dtype, seed=c.seed)
+
+
+def param_dtype(c: ml_collections.ConfigDict) -> str:
+    """The dtype of the model's base parameters: ``model.lora.base_dtype`` for LoRA, else ``model.dtype``."""
+    return (c.model.lora.base_dtype if c.model.lora.rank else "") or c.model.dtype
 
 
 def pipeline_config(c: ml_collections.ConfigDict) -> PipelineConfig:

@@ -28,19 +28,23 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, console.VERBOSE_HELP)
 
 def model_from_checkpoint(source: Path, step_dir: Path, config, mesh):
     """The model of ``source``'s config.json with the parameters saved in an Orbax checkpoint step
-    directory, each restored straight into its shard (no base weights are read)."""
+    directory, each restored straight into its shard (no base weights are read); with the LoRA adapters
+    the checkpoint's fingerprint names."""
     import jax
     import orbax.checkpoint as ocp
     from flax import nnx
 
+    from pbbjax.config import param_dtype
+    from pbbjax.export import checkpoint_lora, read_info
     from pbbjax.models.config import ModelConfig
     from pbbjax.models.hf_io import abstract_model
     from pbbjax.storage import orbax_path
 
     cfg = ModelConfig.from_dir(
         source,
-        param_dtype=config.model.dtype,
+        param_dtype=param_dtype(config),
         compute_dtype=config.model.compute_dtype or config.model.dtype,
+        lora=checkpoint_lora(read_info(step_dir)),
         generation_config=json.loads(p.read_text())
         if (p := source / "generation_config.json").is_file()
         else {},

@@ -24,6 +24,11 @@ Train step (``training/sft.py``), in order of the table:
 - ``logits``: one fp32 ``[tokens, vocab]`` buffer per microbatch (XLA fuses the log-softmax and its
   gradient into consumers of the logits rather than keeping copies).
 
+With LoRA (``cfg.lora``) the base weights are frozen in ``param_dtype`` and only the adapters (in
+``cfg.lora.dtype``) are trained: ``params`` holds both, ``optimizer`` and ``gradients`` the adapters only,
+``layer weights`` one layer's compute-dtype copies and its adapters' gradient, and the activations add
+each adapter's ``[tokens, rank]`` intermediate where the policy keeps matmul outputs.
+
 Sampler (``sampling.py``): the parameters and the optimizer moments stay resident during evaluation
 (the runner evaluates mid-stage), plus one gathered layer and the LM head in the compute dtype, the KV
 cache (``[batch, prompt + new, kv_heads, head_dim]`` per layer, compute dtype), the intermediates of one
@@ -68,6 +73,31 @@ def _bytes(dtype: str) -> int:
     return np.dtype(dtype).itemsize
 
 
+# LoRA targets whose input is the hidden size (``embed``, sharded over fsdp); the others' output is.
+EMBED_INPUT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+
+def adapter_bytes(cfg: ModelConfig, layout: Layout) -> int:
+    """Bytes per chip of the LoRA adapters (0 without): A and B are each sharded like the dimension they
+    share with their base weight, over ``fsdp`` where it is the hidden size, over ``tensor`` where it is
+    heads or MLP, and replicated on their rank."""
+    if cfg.lora is None:
+        return 0
+    per_rank = 0.0
+    for name in cfg.lora.targets:
+        fan_in, fan_out = cfg.projection_dims(name)
+        embed, other = (fan_in, fan_out) if name in EMBED_INPUT else (fan_out, fan_in)
+        per_rank += embed / layout.fsdp + other / layout.tensor
+    return int(cfg.num_layers * cfg.lora.rank * per_rank * _bytes(cfg.lora.dtype))
+
+
+def trained_bytes(cfg: ModelConfig, layout: Layout) -> int:
+    """Bytes per chip of one copy of the trained parameters: the adapters with LoRA, else every parameter."""
+    if cfg.lora is not None:
+        return adapter_bytes(cfg, layout)
+    return cfg.num_params * _bytes(cfg.param_dtype) // layout.param_shards
+
+
 def layer_params(cfg: ModelConfig) -> int:
     """Parameters of one decoder layer."""
     return (cfg.num_params - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)) // (
@@ -85,15 +115,16 @@ def layer_activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int, policy: 
     d, f = cfg.hidden_size, cfg.intermediate_size // tensor
     q, kv = cfg.num_heads * cfg.head_dim // tensor, cfg.num_kv_heads * cfg.head_dim // tensor
     scores = cfg.num_heads // tensor * seq_len * 4  # fp32 [heads, keys] per query token
+    lora = cfg.lora.rank * len(cfg.lora.targets) * c if cfg.lora else 0  # each adapter's x A [rank]
     if policy == "full":  # the layer's input
         return tokens * d * c
     if policy == "dots":  # dot_general outputs (q, k, v, scores, PV, o, gate, up, down) and the input
-        return tokens * ((2 * q + 2 * kv + 3 * d + 2 * f) * c + scores)
+        return tokens * ((2 * q + 2 * kv + 3 * d + 2 * f) * c + scores + lora)
     if policy == "dots_no_batch":  # the batched dots (scores, PV) are recomputed
-        return tokens * ((q + 2 * kv + 3 * d + 2 * f) * c)
+        return tokens * ((q + 2 * kv + 3 * d + 2 * f) * c + lora)
     # norms, q/k/v before and after norm and rope, PV, o, residual, gate, up, silu(gate), gate*up, down;
     # the fp32 scores and probabilities and the probabilities' compute-dtype copy
-    forward = tokens * ((5 * d + 3 * q + 4 * kv + 4 * f) * c + 2 * scores + scores // 4 * c)
+    forward = tokens * ((5 * d + 3 * q + 4 * kv + 4 * f) * c + 2 * scores + scores // 4 * c + lora)
     return forward + (2 * tokens * scores if policy == "backward" else 0)
 
 
@@ -102,18 +133,20 @@ def train_estimate(
 ) -> dict[str, int]:
     """Bytes per chip of one train step, row by row (see the module docstring)."""
     p, c = _bytes(cfg.param_dtype), _bytes(cfg.compute_dtype)
-    n = cfg.num_params
+    n, trained = cfg.num_params, trained_bytes(cfg, layout)
     tokens = batch * seq_len // layout.batch_shards // microbatches
     head = cfg.vocab_size * cfg.hidden_size
-    working = ((layer_params(cfg) + head) * c + layer_params(cfg) * p) // layout.tensor
+    lora_layer = cfg.num_lora_params // cfg.num_layers * _bytes(cfg.lora.dtype) if cfg.lora else 0
+    layer_grad = lora_layer if cfg.lora else layer_params(cfg) * p
+    working = ((layer_params(cfg) + head) * c + layer_grad) // layout.tensor
     policy = "forward" if cfg.remat == "none" else cfg.remat
     keep = layer_activation_bytes(cfg, tokens, seq_len, policy, layout.tensor) * cfg.num_layers
     if cfg.remat == "full":
         keep += layer_activation_bytes(cfg, tokens, seq_len, "backward", layout.tensor)
     return {
-        "params": n * p // layout.param_shards,
-        "optimizer": 2 * n * p // layout.param_shards,
-        "gradients": (2 if microbatches > 1 else 1) * n * p // layout.param_shards,
+        "params": n * p // layout.param_shards + adapter_bytes(cfg, layout),
+        "optimizer": 2 * trained,
+        "gradients": (2 if microbatches > 1 else 1) * trained,
         "layer weights": working,
         "activations": keep,
         "logits": tokens * cfg.vocab_size * 4 // layout.tensor,
@@ -129,8 +162,8 @@ def sample_estimate(
     rows = -(-batch // layout.batch_shards)
     slots = prompt_len + max_new_tokens
     return {
-        "params": n * p // layout.param_shards,
-        "optimizer (resident)": 2 * n * p // layout.param_shards,
+        "params": n * p // layout.param_shards + adapter_bytes(cfg, layout),
+        "optimizer (resident)": 2 * trained_bytes(cfg, layout),
         "layer weights": (layer_params(cfg) + cfg.vocab_size * cfg.hidden_size) * c // layout.tensor,
         "kv cache": 2 * cfg.num_layers * rows * slots * cfg.num_kv_heads * cfg.head_dim * c // layout.tensor,
         "prefill activations": layer_activation_bytes(

@@ -16,7 +16,13 @@ Training settings where the paper is silent (research/paper.md section 6): rows 
 of 1024 tokens (a program's text, a CoT execution trace or a LeetCode solution fits), 64 sequences per
 step (~65k tokens), full finetuning in fp32 master weights with bf16 compute, AdamW at 1e-5 with 50
 warmup steps and cosine decay, 3 epochs per stage, full remat with scanned layers. Evaluation generates
-for 64 prompts at a time with up to 256 new tokens.
+for up to 64 prompts at a time (fewer where the sampler's estimate does not fit) with up to 256 new tokens.
+
+LoRA presets ``<model>-lora`` (e.g. ``qwen3-4b-lora,v5e-1``) train rank-16 adapters (alpha 32, fp32) on
+every projection over a frozen bf16 base, at learning rate 1e-4; their default pod is the smallest one
+they fit by the estimate. That is one v5e chip (``v5e-1``) for Qwen3-1.7B/4B and Llama-3.2-1B/3B, which
+full finetuning fits on 4-8 chips only, and 4 chips for the 8B and 14B models, which full finetuning
+needs 16 v5e or 4-8 v5p chips for.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from pbbjax.memory import GIB, Layout, total, train_estimate
-from pbbjax.models.config import ModelConfig
+from pbbjax.memory import GIB, Layout, sample_estimate, total, train_estimate
+from pbbjax.models.config import LoRAConfig, ModelConfig
 
 MODEL_DIR = Path(__file__).resolve().parent / "model_configs"  # package data: in every install
 
@@ -57,6 +63,7 @@ class Pod:
 
 # The names count TensorCores on v4 and v5p (2 per chip), chips on v5e and v6e.
 PODS = {
+    "v5e-1": Pod("v5e:1x1", 1),
     "v4-8": Pod("v4:2x2x1", 4),
     "v5e-4": Pod("v5e:2x2", 4),
     "v5e-8": Pod("v5e:2x4", 8),
@@ -84,6 +91,10 @@ MESH = dict(data=1, fsdp=-1, tensor=1)
 FIT = 0.85  # the share of HBM the estimate may fill: the compiler needs some slack
 SEQ_LEN, BATCH_SIZE = 1024, 64
 NUMERICS = dict(dtype="float32", compute_dtype="bfloat16", scan_layers=True, remat="full")
+EVAL_BATCH, EVAL_NEW_TOKENS = 64, 256
+LORA_SUFFIX = "-lora"
+LORA = dict(rank=16, alpha=32.0, base_dtype="bfloat16")  # every projection; adapters in NUMERICS' dtype
+LORA_PRESETS = tuple(f"{m}{LORA_SUFFIX}" for m in MODELS)
 
 
 def model_file(name: str) -> Path:
@@ -103,14 +114,17 @@ def load_model_config(path: str | Path, **options) -> ModelConfig:
 
 
 def paper_model_config(name: str) -> ModelConfig:
-    """The preset's model with the presets' numerics (fp32 masters, bf16 compute, scan, full remat)."""
-    n = NUMERICS
+    """The preset's model with the presets' numerics (fp32 masters, bf16 compute, scan, full remat); a
+    LoRA preset's with its adapters over the bf16 base."""
+    n, model = NUMERICS, name.removesuffix(LORA_SUFFIX)
+    lora = LoRAConfig(LORA["rank"], LORA["alpha"], dtype=n["dtype"]) if model != name else None
     return load_model_config(
-        model_file(name),
-        param_dtype=n["dtype"],
+        model_file(model),
+        param_dtype=LORA["base_dtype"] if lora else n["dtype"],
         compute_dtype=n["compute_dtype"],
         scan_layers=n["scan_layers"],
         remat=n["remat"],
+        lora=lora,
     )
 
 
@@ -131,14 +145,30 @@ def pod_microbatches(name: str, pod: str, cfg: ModelConfig | None = None) -> int
     return pick_microbatches(cfg, Layout(fsdp=p.chips), p.usable_hbm, BATCH_SIZE, SEQ_LEN)
 
 
+def pick_eval_batch(cfg: ModelConfig, layout: Layout, hbm_bytes: float) -> int:
+    """The largest power of two up to ``EVAL_BATCH`` whose sampler estimate (prompts of ``SEQ_LEN``, the
+    worst case) fits ``FIT`` of HBM; 1 if none does."""
+    batch = EVAL_BATCH
+    while batch > 1:
+        est = sample_estimate(cfg, layout, batch=batch, prompt_len=SEQ_LEN, max_new_tokens=EVAL_NEW_TOKENS)
+        if total(est) <= FIT * hbm_bytes:
+            break
+        batch //= 2
+    return batch
+
+
 def fitting_pods(name: str) -> list[str]:
     cfg = paper_model_config(name)
     return [pod for pod in PODS if pod_microbatches(name, pod, cfg) is not None]
 
 
 def apply_paper(c, name: str, pod: str | None = None) -> None:
-    """Set ``c`` (a base config) to the paper-scale preset ``name`` on ``pod`` (default: the model's)."""
-    path, default_pod = MODELS[name]
+    """Set ``c`` (a base config) to the paper-scale preset ``name`` on ``pod`` (default: the model's, or
+    for a LoRA preset the smallest pod it fits)."""
+    model = name.removesuffix(LORA_SUFFIX)
+    path, default_pod = MODELS[model]
+    if model != name:
+        default_pod = min(fitting_pods(name), key=lambda p: PODS[p].chips, default=default_pod)
     pod = pod or default_pod
     if pod not in PODS:
         raise ValueError(f"unknown pod {pod!r} for the {name} preset; pods: {', '.join(PODS)}")
@@ -149,7 +179,7 @@ def apply_paper(c, name: str, pod: str | None = None) -> None:
             f"{name} does not fit a {pod} ({p.chips} chips of {HBM_GIB[p.generation]} GiB) by the memory "
             f"estimate; pods it fits: {', '.join(fitting_pods(name))}"
         )
-    c.model.path, c.model.config_file = path, str(model_file(name))
+    c.model.path, c.model.config_file = path, str(model_file(model))
     c.model.dtype, c.model.compute_dtype = NUMERICS["dtype"], NUMERICS["compute_dtype"]
     c.model.scan_layers, c.model.remat = NUMERICS["scan_layers"], NUMERICS["remat"]
     c.mesh.update(MESH)
@@ -173,4 +203,9 @@ def apply_paper(c, name: str, pod: str | None = None) -> None:
             microbatches=microbatches,
         )
     )
-    c.eval.update(dict(batch_size=64, max_new_tokens=256))
+    if model != name:
+        c.model.lora.update(LORA)
+        c.train.learning_rate = 1e-4
+    p = PODS[pod]
+    eval_batch = pick_eval_batch(paper_model_config(name), Layout(fsdp=p.chips), p.usable_hbm)
+    c.eval.update(dict(batch_size=eval_batch, max_new_tokens=EVAL_NEW_TOKENS))

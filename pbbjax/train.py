@@ -66,6 +66,7 @@ def _write_tiny_model(fields: dict, out: Path, seed: int) -> None:
 
 def run(config) -> list[dict]:
     """Train ``config``'s whole curriculum (resuming from its workdir) and return its evaluation records."""
+    from pbbjax.config import lora_config
     from pbbjax.distributed import initialize
     from pbbjax.storage import Workdir, check_workdir
     from pbbjax.training.profiling import profile_window
@@ -74,6 +75,7 @@ def run(config) -> list[dict]:
     wandb_config(config)  # bad values, or wandb asked for but missing: an error before any work
     profile_window(config)
     check_workdir(config.workdir)
+    lora_config(config)  # a bad model.lora field fails here, before any compute
     initialize(config.distributed, config.cluster.to_dict())
     import pbbjax
     from pbbjax.training.runner import Runner

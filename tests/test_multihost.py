@@ -29,6 +29,7 @@ from multihost_helpers import (
     start_pod,
     wait_for_checkpoint,
 )
+from safetensors.numpy import load_file
 
 # Four steps a stage, a checkpoint every two; evaluation of 5 rows in batches of 4 (rows that do not split
 # evenly over the hosts: 4 + 1, and 5 generations padded to the 8 devices).
@@ -112,6 +113,20 @@ def test_grpo_preset_on_the_pod_equals_one_process(tmp_path):
     assert accuracies(pod) == accuracies(one)
     rewards = [json.loads(line) for line in (pod / "metrics.jsonl").read_text().splitlines()]
     assert sum("stage2/reward" in r for r in rewards) == 4  # every GRPO iteration ran and logged
+
+
+def test_lora_run_on_the_pod_equals_one_process(tmp_path):
+    """LoRA on a 2-host pod of 2 devices each against 1 process of 4: adapters sharded across hosts,
+    trained, checkpointed and exported (merged, and in peft's format) alike."""
+    pod, one = tmp_path / "pod", tmp_path / "one"
+    lora = ("--config.model.lora.rank=4", "--config.eval.generate=False", "--config.train.steps=2")
+    for processes, devices, workdir in ((2, 2, pod), (1, 4, one)):
+        train(processes, devices, workdir, *lora)
+    assert_close_tensors(pod / FINAL, one / FINAL, rtol=1e-5)
+    adapters = [load_file(w / f"{FINAL}-adapter" / "adapter_model.safetensors") for w in (pod, one)]
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 2 * 7 * 2
+    for k, want in adapters[1].items():
+        np.testing.assert_allclose(adapters[0][k], want, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_grpo_updates_on_the_pod_equal_one_process(hf_dirs, tmp_path):

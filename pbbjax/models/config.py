@@ -2,7 +2,8 @@
 
 One frozen dataclass covers Llama 3.x (incl. ``llama3`` rope scaling), SmolLM2 (Llama, tied embeddings),
 Qwen2/2.5 (q/k/v bias) and Qwen3 (q/k RMSNorm, explicit ``head_dim``). The source dict is kept so that
-export writes back every field it came with.
+export writes back every field it came with. ``LoRAConfig`` (optional, ``ModelConfig.lora``) adds low-rank
+adapters to the projections (``lora.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,44 @@ class RopeConfig:
     original_max_position_embeddings: int = 8192
 
 
+# LoRA targets, in Hugging Face naming (``self_attn.q_proj`` ... ``mlp.down_proj``).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters on the ``targets`` projections: ``W x + (alpha / rank) B A x``. Errors name the
+    run config's fields (``model.lora.*``)."""
+
+    rank: int
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    dropout: float = 0.0
+    dtype: str = "float32"  # the adapters' dtype (their master weights); the base's is param_dtype
+    seed: int = 0  # draws the initial A matrices
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"model.lora.rank must be >= 1 for adapters (0 turns LoRA off), got {self.rank}")
+        if not self.alpha >= 0:
+            raise ValueError(f"model.lora.alpha must be >= 0, got {self.alpha}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(
+                f"model.lora.targets {list(self.targets)}: {unknown or 'none given'} match no weight; "
+                f"the projections are {', '.join(LORA_TARGETS)}"
+            )
+        if self.dropout != 0:
+            raise ValueError(
+                f"model.lora.dropout={self.dropout}: dropout on the adapters is not implemented (only 0)"
+            )
+        resolve_dtype(self.dtype)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     model_type: str
@@ -64,6 +103,7 @@ class ModelConfig:
     compute_dtype: str = "float32"
     scan_layers: bool = False
     remat: str = "none"  # see decoder.REMAT_POLICIES
+    lora: LoRAConfig | None = None  # adapters on the projections; the base weights are then frozen
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
     # generation_config.json of the source directory (eos ids etc.), written back on export.
     generation_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -76,6 +116,13 @@ class ModelConfig:
             )
         resolve_dtype(self.param_dtype)
         resolve_dtype(self.compute_dtype)
+        for name in self.lora.targets if self.lora else ():
+            fan_in, fan_out = self.projection_dims(name)
+            if self.lora.rank > min(fan_in, fan_out):
+                raise ValueError(
+                    f"model.lora.rank={self.lora.rank} exceeds the smaller dimension of {name} "
+                    f"({fan_in} in, {fan_out} out): a rank-{self.lora.rank} update of it is not low-rank"
+                )
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -87,6 +134,21 @@ class ModelConfig:
         layer = attn + 3 * d * f + 2 * d + (2 * h if self.qk_norm else 0)
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * layer + d + head
+
+    def projection_dims(self, name: str) -> tuple[int, int]:
+        """(inputs, outputs) of a projection (a ``LORA_TARGETS`` name)."""
+        d, f = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        dims = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}
+        return {**dims, "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}[name]
+
+    @property
+    def num_lora_params(self) -> int:
+        """Parameters of the LoRA adapters (0 without): rank x (inputs + outputs) per target and layer."""
+        if self.lora is None:
+            return 0
+        per_layer = sum(sum(self.projection_dims(t)) for t in self.lora.targets)
+        return self.num_layers * self.lora.rank * per_layer
 
     @classmethod
     def from_hf(cls, hf: dict, **options) -> ModelConfig:

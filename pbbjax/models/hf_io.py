@@ -2,7 +2,8 @@
 
 A loaded model is an ``nnx.Module`` whose parameters already sit on the requested mesh; ``save_model``
 writes a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads, keeping every field
-of the source ``config.json``.
+of the source ``config.json``. With ``lora``, the loaded model also carries fresh LoRA adapters
+(``lora.py``), and ``save_model`` writes the merged weights (base + adapter update).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
-from pbbjax.models.config import ModelConfig, resolve_dtype
+from pbbjax.models.config import LoRAConfig, ModelConfig, resolve_dtype
 from pbbjax.models.decoder import Transformer
 from pbbjax.models.hf_weights import SafetensorsDir, check_tensors, iter_hf_tensors, load_params, save_tensors
+from pbbjax.models.lora import initial_adapters
 from pbbjax.models.sharding import logical_to_spec
 
 log = logging.getLogger(__name__)
@@ -84,11 +86,13 @@ def load_model(
     scan_layers: bool = False,
     remat: str = "none",
     tokenizer: bool = True,
+    lora: LoRAConfig | None = None,
 ):
     """HF directory or hub id -> (Transformer, tokenizer or None if the directory has none).
 
-    ``dtype`` is the parameter dtype; ``compute_dtype`` defaults to it. With a ``mesh``, parameters are
-    created directly in their shards.
+    ``dtype`` is the parameter dtype (with ``lora``: the frozen base's); ``compute_dtype`` defaults to it.
+    With a ``mesh``, parameters are created directly in their shards. ``lora`` adds adapters, initialised
+    from its seed (``lora.initial_value``).
     """
     path = resolve_model_dir(path_or_hub_id)
     resolve_dtype(dtype)
@@ -98,6 +102,7 @@ def load_model(
         compute_dtype=compute_dtype or dtype,
         scan_layers=scan_layers,
         remat=remat,
+        lora=lora,
         generation_config=_read_json(path / "generation_config.json") or {},
     )
     graphdef, state = abstract_model(cfg, mesh)
@@ -106,6 +111,8 @@ def load_model(
     with SafetensorsDir(path) as src:
         check_tensors(src, abstract)
         arrays = load_params(src, abstract, shardings)
+    flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)}
+    arrays |= initial_adapters(cfg, shardings, flat)
     for p, var in nnx.to_flat_state(state):
         key = ".".join(map(str, p))
         if key in arrays:

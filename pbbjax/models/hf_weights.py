@@ -6,7 +6,8 @@ rows its device shard needs. Host memory therefore peaks near one shard of the l
 multi-host pod each host reads only the slices of the devices it owns.
 
 Saving gathers one layer's tensor at a time, converts it to the HF layout and writes shards of at most
-``max_shard_bytes`` (plus ``model.safetensors.index.json`` when there are several).
+``max_shard_bytes`` (plus ``model.safetensors.index.json`` when there are several). A projection with LoRA
+adapters is saved merged: its base tensor plus the adapters' update (``lora.hf_delta``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from pbbjax.models.config import ModelConfig
+from pbbjax.models.lora import adapter_names, hf_delta
 from pbbjax.models.sharding import to_host
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -227,13 +229,19 @@ def load_params(src: SafetensorsDir, abstract_model: nnx.Module, shardings: dict
 
 
 def iter_hf_tensors(model: nnx.Module) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, host array) for every tensor, one layer at a time; gathers across hosts when needed."""
+    """(HF name, host array) for every tensor, one layer at a time, LoRA adapters merged into their base;
+    gathers across hosts when needed."""
     cfg, params = model.cfg, _flat_params(model)
     for path, hf_name, kind in param_table(cfg):
         value = params[path][...]
         stacked = path.startswith("layers.")
+        a_path, b_path = adapter_names(path)
         for i, name in enumerate(_layer_names(hf_name, cfg, stacked)):
-            yield name, to_hf(kind, to_host(value[i] if stacked else value))
+            x = to_hf(kind, to_host(value[i] if stacked else value))
+            if a_path in params:  # adapters only exist on the stacked projections
+                a, b = (to_host(params[p][...][i]) for p in (a_path, b_path))
+                x = (x.astype(np.float32) + hf_delta(a, b, cfg.lora.scale)).astype(x.dtype)
+            yield name, x
 
 
 def save_tensors(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path, max_shard_bytes: int, write: bool):

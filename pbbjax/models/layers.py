@@ -7,6 +7,7 @@ parameters carry a leading ``layers`` axis because layers are stored stacked, se
 - MLP kernels ``[embed, mlp]`` and ``[mlp, embed]``; norms ``[norm]``; biases ``[heads, head_dim]``
 
 RoPE uses Hugging Face's split-half (``rotate_half``) layout, so HF q/k weights load without permutation.
+With ``cfg.lora``, the targeted projections also carry LoRA adapters (``lora.py``), added to their outputs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pbbjax.models import lora
 from pbbjax.models.config import ModelConfig, RopeConfig, resolve_dtype
 
 _INIT_STD = 0.02
@@ -105,6 +107,7 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = make_param(rngs, (h,), ("head_dim",), cfg, "ones", stack)
             self.k_norm = make_param(rngs, (h,), ("head_dim",), cfg, "ones", stack)
+        lora.add_adapters(self, cfg, ("q_proj", "k_proj", "v_proj", "o_proj"))
 
     def project_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         """x [B,T,D] -> q [B,T,N,H], k and v [B,T,K,H], with biases, q/k norm and RoPE applied."""
@@ -112,6 +115,7 @@ class Attention(nnx.Module):
 
         def proj(name):
             y = jnp.einsum("btd,dnh->btnh", x, getattr(self, f"{name}_proj")[...].astype(dt))
+            y = lora.apply(self, f"{name}_proj", x, y)
             if self.cfg.qkv_bias:
                 y = y + getattr(self, f"{name}_bias")[...].astype(dt)
             return y
@@ -128,6 +132,7 @@ class Attention(nnx.Module):
         probs = attention_weights(q, k, mask).astype(v.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
         y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(v.dtype))
+        y = lora.apply(self, "o_proj", out, y)
         if self.cfg.o_bias:
             y = y + self.o_bias[...].astype(v.dtype)
         return y
@@ -155,12 +160,13 @@ class MLP(nnx.Module):
             self.gate_bias = make_param(rngs, (f,), ("mlp",), cfg, "zeros", stack)
             self.up_bias = make_param(rngs, (f,), ("mlp",), cfg, "zeros", stack)
             self.down_bias = make_param(rngs, (d,), ("embed",), cfg, "zeros", stack)
+        lora.add_adapters(self, cfg, ("gate_proj", "up_proj", "down_proj"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
 
-        def dense(name, y):
-            y = y @ getattr(self, f"{name}_proj")[...].astype(dt)
+        def dense(name, x):
+            y = lora.apply(self, f"{name}_proj", x, x @ getattr(self, f"{name}_proj")[...].astype(dt))
             return y + getattr(self, f"{name}_bias")[...].astype(dt) if self.cfg.mlp_bias else y
 
         return dense("down", jax.nn.silu(dense("gate", x)) * dense("up", x))

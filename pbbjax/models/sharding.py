@@ -38,6 +38,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "layers": (),
     "norm": (),
+    "lora_rank": (),  # a LoRA adapter's small axis; its other axes follow its base weight's
 }
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pbbjax.training.sft import apply_gradients, batch_sharding
+from pbbjax.training.sft import apply_gradients, batch_sharding, trainable_value_and_grad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +167,7 @@ def make_grpo_step(graphdef, optimizer, cfg: GRPOConfig, schedule, shardings, me
         return jnp.sum(per_token * weights), metrics
 
     def step(state, batch):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+        (loss, metrics), grads = trainable_value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
         new, grad_norm, finite = apply_gradients(state, grads, loss, optimizer)
         metrics |= {
             "loss": loss,

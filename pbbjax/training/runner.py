@@ -27,12 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pbbjax.config import as_tuple, curriculum_config, domain_of, pipeline_config
+from pbbjax.config import as_tuple, curriculum_config, domain_of, lora_config, param_dtype, pipeline_config
 from pbbjax.curriculum import build_curriculum, derive_seed
 from pbbjax.distributed import same_on_every_host
 from pbbjax.evaluation import EvalConfig, evaluate, results_table
 from pbbjax.formatting import chat_prompt
 from pbbjax.models.hf_io import load_model, save_model
+from pbbjax.models.lora_io import save_adapter
 from pbbjax.models.sharding import make_mesh
 from pbbjax.pipeline import make_dataset, tokenize_rows
 from pbbjax.sampling import generation_ids
@@ -93,11 +94,12 @@ class Runner:
         self.mesh = make_mesh(**config.mesh)
         self.model, self.tokenizer = load_model(
             model_path,
-            dtype=config.model.dtype,
+            dtype=param_dtype(config),
             mesh=self.mesh,
-            compute_dtype=config.model.compute_dtype or None,
+            compute_dtype=config.model.compute_dtype or config.model.dtype,
             scan_layers=config.model.scan_layers,
             remat=config.model.remat,
+            lora=lora_config(config),
         )
         if config.model.remat != "none" and not config.model.scan_layers and jax.default_backend() == "cpu":
             log.warning(
@@ -361,13 +363,15 @@ class Runner:
         return any(r["after"] == after and r["final"] for r in self.records)
 
     def _export(self, name, params):
-        if self.config.train.export and (
-            self.config.train.export == "always" or self.model.cfg.num_params < 1e9
-        ):
-            save_model(
-                nnx.merge(self.graphdef, params), self.workdir / "export" / name, tokenizer=self.tokenizer
-            )
+        if not self.config.train.export:
+            return
+        model = nnx.merge(self.graphdef, params)
+        if self.config.train.export == "always" or self.model.cfg.num_params < 1e9:
+            save_model(model, self.workdir / "export" / name, tokenizer=self.tokenizer)  # LoRA: merged
             self._push(f"export/{name}")
+        if model.cfg.lora:  # and the adapters alone (small, whatever the model's size), for peft
+            save_adapter(model, self.workdir / "export" / f"{name}-adapter", self.config.model.path)
+            self._push(f"export/{name}-adapter")
 
     def _stage_end_checkpointer(self, name):
         return Checkpointer(
@@ -445,7 +449,10 @@ def _model_fingerprint(cfg) -> dict:
         "tie_word_embeddings",
         "param_dtype",
     )
-    return {f: getattr(cfg, f) for f in fields}
+    out = {f: getattr(cfg, f) for f in fields}
+    if cfg.lora:  # what export needs to merge the adapters (pbbjax.export reads it back)
+        out["lora"] = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets)}
+    return out
 
 
 def _flatten(records: list[dict]) -> dict:

@@ -11,6 +11,10 @@ count, so accumulating k microbatches of b gives exactly the loss and gradient o
 
 A step whose loss or gradient is not finite leaves the state unchanged and reports ``finite=False``; the
 runner stops with a clear error and the last good checkpoint stays.
+
+With LoRA adapters (``models/lora.py``) only they are trained: gradients, optimizer moments and updates
+cover ``trainable_split``'s trainable part; the frozen base weights pass through the step untouched (they
+stay in ``state["params"]``, so evaluation, checkpoints and export see the whole model).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pbbjax.models.lora import trainable_split
 from pbbjax.models.sharding import logical_to_spec
 
 
@@ -73,9 +78,14 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
 
 def decay_mask(params) -> object:
     """True for the parameters weight decay applies to: the matrices, told by their logical axes (every
-    projection and embedding has an ``embed`` axis; norms and biases have none). By name, not rank: the
-    stacked ``[layers, D]`` norms and ``[layers, heads, head_dim]`` biases have the rank of a matrix."""
-    return jax.tree.map(lambda v: "embed" in v.axes, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    projection and embedding has an ``embed`` axis, every LoRA adapter a ``lora_rank`` axis; norms and
+    biases have neither). By name, not rank: the stacked ``[layers, D]`` norms and ``[layers, heads,
+    head_dim]`` biases have the rank of a matrix."""
+    return jax.tree.map(
+        lambda v: "embed" in v.axes or "lora_rank" in v.axes,
+        params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
@@ -123,9 +133,11 @@ def state_shardings(state: dict):
 def abstract_state(params, optimizer: optax.GradientTransformation, mesh: Mesh | None = None) -> dict:
     """The train state's shapes, dtypes and shardings (``jax.ShapeDtypeStruct`` leaves), computed without
     allocating it: each optimizer moment takes its parameter's sharding, other leaves (step counts) are
-    replicated. ``params``: the model's ``nnx.State`` (arrays, or ShapeDtypeStructs with shardings). The one
-    layout of the state: ``init_state`` builds it, the runner restores into it, ``pbbjax.aot`` compiles it."""
+    replicated. ``params``: the model's ``nnx.State`` (arrays, or ShapeDtypeStructs with shardings); the
+    optimizer state covers its trainable part. The one layout of the state: ``init_state`` builds it, the
+    runner restores into it, ``pbbjax.aot`` compiles it."""
     p = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+    trainable = trainable_split(p)[0]
     other = NamedSharding(mesh, PartitionSpec()) if mesh is not None else jax.tree.leaves(p)[0].sharding
 
     def like(v, sharding):
@@ -134,8 +146,8 @@ def abstract_state(params, optimizer: optax.GradientTransformation, mesh: Mesh |
     opt_state = optax.tree_map_params(
         optimizer,
         lambda v, param: like(v, param.sharding),
-        jax.eval_shape(optimizer.init, p),
-        p,
+        jax.eval_shape(optimizer.init, trainable),
+        trainable,
         transform_non_params=lambda v: like(v, other),
     )
     return {"params": p, "opt_state": opt_state, "step": like(jax.ShapeDtypeStruct((), jnp.int32), other)}
@@ -147,7 +159,7 @@ def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh:
     zeros depend on nothing XLA could propagate a sharding from."""
     _, params = nnx.split(model)
     layout = state_shardings(abstract_state(params, optimizer, mesh))
-    opt_state = jax.jit(optimizer.init, out_shardings=layout["opt_state"])(params)
+    opt_state = jax.jit(optimizer.init, out_shardings=layout["opt_state"])(trainable_split(params)[0])
     step = jax.device_put(jnp.zeros((), jnp.int32), layout["step"])
     return {"params": params, "opt_state": opt_state, "step": step}
 
@@ -161,10 +173,22 @@ def make_loss_fn(graphdef: nnx.GraphDef, mode: str):
     return loss_fn
 
 
+def trainable_value_and_grad(loss_fn, has_aux: bool = False):
+    """``jax.value_and_grad`` of ``loss_fn(params, batch)`` with respect to the trainable parameters only
+    (``trainable_split``): (value, gradient of the trainable part)."""
+
+    def fn(params, batch):
+        trainable, frozen = trainable_split(params)
+        loss = lambda t, b: loss_fn(nnx.merge_state(t, frozen), b)
+        return jax.value_and_grad(loss, has_aux=has_aux)(trainable, batch)
+
+    return fn
+
+
 def make_grad_fn(graphdef, loss_mode: str, microbatches: int):
-    """(params, batch) -> (mean loss, completion-token count, mean gradient), summed over microbatches."""
-    loss_fn = make_loss_fn(graphdef, loss_mode)
-    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    """(params, batch) -> (mean loss, completion-token count, mean gradient of the trainable parameters),
+    summed over microbatches."""
+    value_and_grad = trainable_value_and_grad(make_loss_fn(graphdef, loss_mode), has_aux=True)
     k = microbatches
 
     def grad_fn(params, batch):
@@ -177,7 +201,7 @@ def make_grad_fn(graphdef, loss_mode: str, microbatches: int):
                 return jax.tree.map(jnp.add, carry, (num, den, g)), None
 
             micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
-            zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+            zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, trainable_split(params)[0]))
             (num, den, g), _ = jax.lax.scan(one, zero, micro)
         den = jnp.maximum(den, 1e-9)
         return num / den, den, jax.tree.map(lambda x: x / den, g)
@@ -186,17 +210,17 @@ def make_grad_fn(graphdef, loss_mode: str, microbatches: int):
 
 
 def apply_gradients(state: dict, grads, loss, optimizer) -> tuple[dict, jax.Array, jax.Array]:
-    """One optimizer update -> (new state, gradient norm, finite). A non-finite loss or gradient norm keeps
-    the old state (the caller stops the run and keeps its last good checkpoint)."""
+    """One optimizer update of the trainable parameters (``grads`` covers them) -> (new state, gradient norm,
+    finite). A non-finite loss or gradient norm keeps the old state (the caller stops the run and keeps its
+    last good checkpoint)."""
+    trainable, frozen = trainable_split(state["params"])
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    new = {
-        "params": optax.apply_updates(state["params"], updates),
-        "opt_state": opt_state,
-        "step": state["step"] + 1,
-    }
+    updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
+    old = {"params": trainable, "opt_state": state["opt_state"], "step": state["step"]}
+    new = {"params": optax.apply_updates(trainable, updates), "opt_state": opt_state, "step": old["step"] + 1}
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state), grad_norm, finite
+    kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    return kept | {"params": nnx.merge_state(kept["params"], frozen)}, grad_norm, finite
 
 
 def make_train_step(graphdef, optimizer, cfg: OptimConfig, total_steps: int, shardings, mesh: Mesh | None):
