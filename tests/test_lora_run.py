@@ -106,7 +106,7 @@ def test_export_cli_merges_or_writes_the_adapters_for_peft(run, tmp_path):
 def test_evaluate_restores_the_adapters_the_checkpoint_names(run):
     import transformers
 
-    from pbbjax.evaluate import load_for_eval
+    from pbbjax.restore import load_for_eval
 
     config = load_config("configs/proactive.py:tiny")  # no model.lora given: the checkpoint's fingerprint
     model, _, label, _ = load_for_eval(config, run, stage="stage2")
