@@ -438,11 +438,7 @@ def _push_to_hub(out, checkpoint, stage, step, repo_id: str, token: str, public:
     """The model card (from the run's results.json) into the export ``out``, then ``out`` to the Hub."""
     found, workdir = find_checkpoints(checkpoint)
     picked = select_checkpoint(found, _as_path(checkpoint), stage, step)
-    results = workdir / "results.json"
-    results = json.loads(results.read_text()) if results.is_file() else None
-    (Path(out) / "README.md").write_text(hub.model_card(repo_id, results, picked))
-    url = hub.push(Path(out), repo_id, token, public=public)
-    print(f"pushed {out} with its model card to {url} ({'public' if public else 'private'})")
+    hub.push_with_card(Path(out), workdir / "results.json", picked, repo_id, token, public=public)
 
 
 def _export_adapter(arrays, leaves, cfg: ModelConfig, info: dict, out: Path, picked) -> Path:

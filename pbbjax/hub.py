@@ -10,6 +10,7 @@ it is, deleting any other file an earlier push left there.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -192,3 +193,12 @@ def model_card(repo_id: str, results: dict | None, checkpoint) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def push_with_card(out: Path, results_path: Path, checkpoint, repo_id: str, token: str, *, public: bool):
+    """Write the model card (from the run's ``results.json``, where it exists) into ``out``, then push."""
+    results = json.loads(results_path.read_text()) if results_path.is_file() else None
+    (out / "README.md").write_text(model_card(repo_id, results, checkpoint))
+    url = push(out, repo_id, token, public=public)
+    print(f"pushed {out} with its model card to {url} ({'public' if public else 'private'})")
+    return url
