@@ -158,3 +158,24 @@ def load_config(spec: str):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(preset or None)
+
+
+@pytest.fixture(scope="session")
+def pbbjax_wheel(tmp_path_factory):
+    """A wheel of this checkout (the package, pyproject.toml, README), built once per test session: what a
+    non-editable install gets (the Colab notebook installs one)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    source = tmp_path_factory.mktemp("wheel-src")
+    shutil.copytree(root / "pbbjax", source / "pbbjax", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (root / name).exists():
+            shutil.copy(root / name, source / name)
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", "dist", "."]
+    subprocess.run(cmd, cwd=source, check=True, capture_output=True, timeout=300)
+    (wheel,) = (source / "dist").glob("pbbjax-*.whl")
+    return wheel

@@ -9,6 +9,10 @@ of this environment.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -38,12 +42,24 @@ def text_output(cell) -> str:
     return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
 
 
-def test_notebook_is_valid_and_every_parameter_is_a_plain_assignment():
+def parameters(nb) -> dict:
+    namespace = {}
+    exec(cell_tagged(nb, "parameters").source, namespace)
+    return {k: v for k, v in namespace.items() if k.isupper()}
+
+
+def test_notebook_is_valid_and_runs_unedited_by_default():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
-    params = cell_tagged(nb, "parameters").source
-    names = {line.split("=")[0].strip() for line in params.splitlines() if line and not line.startswith("#")}
-    assert {"PRESET", "INSTALL", "PBBJAX_SOURCE", "WORKDIR", "OVERRIDES", "PUSH_TO_HUB"} <= names
+    values = parameters(nb)
+    assert {"PRESET", "INSTALL", "PBBJAX_SOURCE", "STORAGE", "WORKDIR", "OVERRIDES", "PUSH_TO_HUB"} <= set(
+        values
+    )
+    # The defaults are for Colab, and none is a placeholder to edit: pbbjax is found (or uploaded), the
+    # preset follows the accelerator, the run is kept on Drive.
+    assert (values["PRESET"], values["INSTALL"], values["STORAGE"]) == ("auto", True, "auto")
+    assert values["PBBJAX_SOURCE"] == "" and values["WORKDIR"] == ""
+    assert not any("<" in v for v in values.values() if isinstance(v, str)), values
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit it without outputs"
 
 
@@ -55,21 +71,98 @@ def _fields(c, prefix=""):
     return out
 
 
-def test_colab_preset_sets_only_existing_fields():
-    """The TPU branch (not run in CI): its config has exactly the base config's fields, none misspelt."""
-    from pbbjax.config import base_config
-
+def _config(preset: str, workdir: str = "runs/x"):
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    (config_cell,) = [c.source for c in nb.cells if "def colab_preset" in c.source]
-    namespace = {}
-    exec(cell_tagged(nb, "parameters").source, namespace)
-    assert namespace["PRESET"] == "colab" and namespace["INSTALL"] is True, "the defaults are for Colab"
-    exec(config_cell, namespace)
-    config = namespace["config"]
+    namespace = {**parameters(nb), "preset": preset, "workdir_location": workdir}
+    exec(cell_tagged(nb, "config").source, namespace)
+    return namespace["config"]
+
+
+@pytest.mark.parametrize("preset", ["lora", "colab"])
+def test_one_chip_presets_set_only_existing_fields(preset):
+    """The TPU branches (not run in CI): their configs have exactly the base config's fields, none misspelt.
+    What they compile to on one v5e chip is in the notebook's table (pbbjax.aot, topology v5e:1x1)."""
+    from pbbjax.config import base_config, lora_config
+
+    config = _config(preset)
     assert _fields(config) == _fields(base_config("proactive"))
-    assert config.model.path == "Qwen/Qwen3-0.6B"
     assert (config.model.dtype, config.model.compute_dtype) == ("float32", "bfloat16")
     assert config.model.scan_layers and config.model.remat == "full"
+    assert config.workdir == "runs/x"
+    if preset == "lora":
+        assert config.model.path == "Qwen/Qwen3-1.7B"
+        assert (config.model.lora.rank, config.model.lora.base_dtype) == (16, "bfloat16")
+        assert lora_config(config).targets == tuple(base_config("proactive").model.lora.targets)
+    else:
+        assert config.model.path == "Qwen/Qwen3-0.6B" and config.model.lora.rank == 0
+
+
+def _cell_namespace(*tags: str, **values) -> dict:
+    """The namespace after running the parameters with ``values`` in place, then the cells ``tags``."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    namespace = {**parameters(nb), **values}
+    for tag in tags:
+        exec(cell_tagged(nb, tag).source, namespace)
+    return namespace
+
+
+def test_storage_puts_the_workdir_where_asked(tmp_path):
+    assert _cell_namespace("storage", STORAGE="local")["workdir_location"] == "runs/pbb-colab"
+    assert (
+        _cell_namespace("storage", STORAGE="auto", RUN_NAME="r")["workdir_location"] == "runs/r"
+    )  # no Colab
+    bucket = {"STORAGE": "gcs", "GCS_BUCKET": "gs://b/runs/", "RUN_NAME": "r"}
+    assert _cell_namespace("storage", **bucket)["workdir_location"] == "gs://b/runs/r"
+    assert _cell_namespace("storage", WORKDIR=str(tmp_path))["workdir_location"] == str(tmp_path)
+    with pytest.raises(ValueError, match="GCS_BUCKET"):
+        _cell_namespace("storage", STORAGE="gcs")
+    with pytest.raises(ValueError, match="'auto', 'drive', 'gcs' or 'local'"):
+        _cell_namespace("storage", STORAGE="dropbox")
+
+
+def test_install_finds_an_uploaded_wheel_and_pip_installs_it(tmp_path, pbbjax_wheel):
+    """No placeholder: the install cell finds a wheel where a user puts one, and the requirement it makes
+    installs it (into a folder of its own, without dependencies, which this environment has)."""
+    install = _cell_namespace("storage", "install", INSTALL=False, STORAGE="local")
+    find, requirement = install["find_pbbjax"], install["pip_requirement"]
+    empty, content, drive = tmp_path / "empty", tmp_path / "content", tmp_path / "drive"
+    for folder in (empty, content, drive):
+        folder.mkdir()
+    with pytest.raises(FileNotFoundError, match="no pbbjax to install") as e:
+        find([str(empty)])
+    assert str(empty) in str(e.value) and "PBBJAX_SOURCE" in str(e.value)
+
+    (drive / "pbbjax-0.0.9.tar.gz").write_bytes(b"an older source archive")
+    assert find([str(content), str(drive)]) == str(drive / "pbbjax-0.0.9.tar.gz")
+    wheel = content / pbbjax_wheel.name
+    shutil.copy(pbbjax_wheel, wheel)
+    assert find([str(content), str(drive)]) == str(wheel)  # the first folder that has one
+    (content / "pbbjax").mkdir()
+    (content / "pbbjax" / "pyproject.toml").write_text("")
+    assert find([str(content)]) == str(wheel), "an archive in a folder comes before a checkout in it"
+    assert find([str(drive / "nothing"), str(content)]) == str(wheel)
+
+    assert requirement(str(wheel)) == f"pbbjax[tpu] @ {wheel.resolve().as_uri()}"
+    url = "git+https://github.com/someone/pbbjax.git"
+    assert requirement(url) == f"pbbjax[tpu] @ {url}"
+    assert _cell_namespace("storage", "install", INSTALL=False, PBBJAX_SOURCE=url)["find_pbbjax"]() == url
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        requirement(str(tmp_path / "pbbjax-missing.whl"))
+
+    target = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target)]
+    subprocess.run([*pip, requirement(str(wheel))], check=True, capture_output=True, timeout=300)
+    probe = "import pbbjax, pbbjax.presets as p; print(pbbjax.__file__, p.model_file('qwen3-1.7b').is_file())"
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, "PYTHONPATH": str(target)},
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout.split()
+    assert out == [str(target / "pbbjax" / "__init__.py"), "True"], out
 
 
 def test_notebook_runs_the_tiny_preset_on_cpu(tmp_path, monkeypatch):
@@ -82,8 +175,9 @@ def test_notebook_runs_the_tiny_preset_on_cpu(tmp_path, monkeypatch):
     inject_parameters(
         nb,
         {
-            "PRESET": "tiny",
+            "PRESET": "auto",  # the tiny preset, on this CPU
             "INSTALL": False,
+            "STORAGE": "local",
             "WORKDIR": str(workdir),
             # Smaller than the tiny preset: one epoch per stage, no evaluation before training.
             "OVERRIDES": {"train.epochs": 1, "eval.at_start": False},

@@ -366,7 +366,7 @@ class Runner:
         if not self.config.train.export:
             return
         model = nnx.merge(self.graphdef, params)
-        if self.config.train.export == "always" or self.model.cfg.num_params < 1e9:
+        if self.model.cfg.num_params < 1e9:  # larger ones: python -m pbbjax.export, from the checkpoint
             save_model(model, self.workdir / "export" / name, tokenizer=self.tokenizer)  # LoRA: merged
             self._push(f"export/{name}")
         if model.cfg.lora:  # and the adapters alone (small, whatever the model's size), for peft
