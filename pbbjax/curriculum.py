@@ -10,6 +10,7 @@ Curricula (``CURRICULA``):
 - ``ad``: Algorithm Distillation: proactive's stage1, then a stage ``pbb`` (proactive's stage 2: the eval
   instructions as text only) and for each N in ``ad_n`` a stage ``adN`` of N execution examples per eval
   instruction, each branching from the end of stage1 (``start_from``); one run gives the exchange rate.
+  With ``replay_fraction``, ``pbb`` and every ``adN`` add that fraction of stage-1 rows alike.
 - ``in_context``: no training; the evaluation sets alone (the instruction is put in the prompt there).
 
 ``stages`` = "1" or "2" keeps one stage (the stage-only ablations); ``representation`` = "nl" uses the
@@ -67,6 +68,14 @@ class Stage:
     rows: list[Row]
     start_from: str | None = None  # the stage whose end this one starts from (None: the previous stage)
 
+    def eval_executions(self) -> float | None:
+        """Distinct execution examples per eval instruction in this stage, averaged over eval instructions:
+        the real N of an AD(N) stage (None when the stage executes no eval instruction)."""
+        seen = {(r.instruction_id, r.input) for r in self.rows if r.kind == "execution" and r.split == "eval"}
+        if not seen:
+            return None
+        return len(seen) / len({i for i, _ in seen})
+
 
 @dataclasses.dataclass
 class Curriculum:
@@ -103,9 +112,19 @@ class _Builder:
         self.held_out: dict[str, list[Example]] = {}  # instruction id -> evaluation examples
         self.pool: dict[str, list[Example]] = {}  # instruction id -> examples training may use
 
-    def plan(self, ins: Instruction, n_train: int, skewed: bool = False) -> tuple[list, list]:
-        """``eval_inputs`` held-out inputs, and ``n_train`` training inputs disjoint from them."""
+    def plan(self, ins: Instruction, n_train: int, field: str, skewed: bool = False) -> tuple[list, list]:
+        """``eval_inputs`` held-out inputs, and ``n_train`` training inputs disjoint from them (the config
+        field ``field`` asked for them). Where the domain knows how many distinct inputs an instruction has
+        (``input_space``), asking for more than that is an error: fewer examples than the config says would
+        quietly change what an arm measures (an AD(N) arm with fewer than N)."""
         d, cfg = self.domain, self.cfg
+        size = d.input_space(ins) if hasattr(d, "input_space") else None
+        if size is not None and cfg.eval_inputs + n_train > size:
+            raise ValueError(
+                f"instruction {ins.id} of domain {d.name!r} has {size} distinct inputs, fewer than "
+                f"data.eval_inputs={cfg.eval_inputs} held out + {field}={n_train} for training: lower them, "
+                f"or widen the domain's input range (domain_options.{d.name}.input_range)"
+            )
         held = d.sample_inputs(ins, cfg.eval_inputs, derive_seed(cfg.seed, "eval", ins.id), split="eval")
         extra = {"skewed": True} if skewed else {}
         want, train = n_train, []
@@ -160,9 +179,11 @@ def build_curriculum(domain: Domain, name: str, cfg: CurriculumConfig) -> Curric
     if name not in CURRICULA:
         raise ValueError(f"unknown curriculum {name!r}; curricula: {', '.join(CURRICULA)}")
     b = _Builder(domain, cfg)
-    n_demo = max(cfg.ad_n) if name == "ad" else cfg.demos
-    plans = {ins.id: (ins, *b.plan(ins, cfg.exec_per_instruction)) for ins in b.train}
-    plans |= {ins.id: (ins, *b.plan(ins, n_demo, skewed=cfg.skewed_demos)) for ins in b.eval}
+    n_demo, demo_field = (max(cfg.ad_n), "max(data.ad_n)") if name == "ad" else (cfg.demos, "data.demos")
+    plans = {
+        ins.id: (ins, *b.plan(ins, cfg.exec_per_instruction, "data.exec_per_instruction")) for ins in b.train
+    }
+    plans |= {ins.id: (ins, *b.plan(ins, n_demo, demo_field, skewed=cfg.skewed_demos)) for ins in b.eval}
     b.execute(plans)
 
     def proactive_stage1():
@@ -173,13 +194,16 @@ def build_curriculum(domain: Domain, name: str, cfg: CurriculumConfig) -> Curric
         rows = b.declarative(b.eval, "eval", "stage2") if cfg.stage2_declarative else []
         return rows + b.execution(b.eval, "eval", "stage2", cfg.demos)
 
+    def with_replay(rows: list[Row], *rng_parts) -> list[Row]:
+        """``rows`` and a ``replay_fraction`` of them again in stage-1 rows (drawn without repeats)."""
+        if not cfg.replay_fraction:
+            return rows
+        replay = proactive_stage1()
+        k = min(len(replay), round(cfg.replay_fraction * len(rows)))
+        return rows + b.rng("replay", *rng_parts).sample(replay, k)
+
     if name == "proactive":
-        stage2 = proactive_stage2_rows()
-        if cfg.replay_fraction:
-            replay = proactive_stage1()
-            stage2 += b.rng("replay").sample(
-                replay, min(len(replay), round(cfg.replay_fraction * len(stage2)))
-            )
+        stage2 = with_replay(proactive_stage2_rows())
         stages = [Stage("stage1", proactive_stage1()), Stage("stage2", b.shuffled(stage2, "stage2"))]
     elif name == "retroactive":
         decl = b.declarative(b.train, "train", "stage1") + b.declarative(b.eval, "eval", "stage1")
@@ -192,11 +216,14 @@ def build_curriculum(domain: Domain, name: str, cfg: CurriculumConfig) -> Curric
         ]
     elif name == "mixture":
         stages = [Stage("mixture", b.shuffled(proactive_stage1() + proactive_stage2_rows(), "mixture"))]
-    elif name == "ad":
-        pbb = [dataclasses.replace(r, stage="pbb") for r in b.shuffled(proactive_stage2_rows(), "stage2")]
+    elif name == "ad":  # PBB and each AD(N) replay stage-1 rows alike (proactive's replay_fraction)
+        pbb = with_replay(proactive_stage2_rows())
+        pbb = [dataclasses.replace(r, stage="pbb") for r in b.shuffled(pbb, "stage2")]
         stages = [Stage("stage1", proactive_stage1()), Stage("pbb", pbb, start_from="stage1")] + [
             Stage(
-                f"ad{n}", b.shuffled(b.execution(b.eval, "eval", f"ad{n}", n), f"ad{n}"), start_from="stage1"
+                f"ad{n}",
+                b.shuffled(with_replay(b.execution(b.eval, "eval", f"ad{n}", n), f"ad{n}"), f"ad{n}"),
+                start_from="stage1",
             )
             for n in cfg.ad_n
         ]
@@ -233,7 +260,7 @@ def _eval_sets(b: _Builder, instructions: dict[str, Instruction]) -> dict[str, l
     }
     if cfg.num_compositions and hasattr(d, "compositions"):
         pairs = d.compositions(b.eval, cfg.num_compositions, derive_seed(cfg.seed, "compositions"))
-        b.execute({ins.id: (ins, *b.plan(ins, 0)) for ins in pairs})
+        b.execute({ins.id: (ins, *b.plan(ins, 0, "data.num_compositions")) for ins in pairs})
         instructions.update({ins.id: ins for ins in pairs})
         sets["compositions"] = rows(pairs, "eval", "compositions")
     return sets

@@ -192,6 +192,9 @@ def apply_paper(c, name: str, pod: str | None = None) -> None:
             eval_inputs=20,
         )
     )
+    # The paper says only "small integers" for the programs' inputs. 0..127 gives a one-input program its
+    # 20 held-out inputs and the 100 examples of AD(100), disjoint; values may then reach 10^4.
+    c.domain_options.arithmetic.update(dict(input_range=(0, 127), max_abs_value=10_000))
     c.pipeline.update(dict(seq_len=SEQ_LEN, batch_size=BATCH_SIZE))
     c.train.update(
         dict(

@@ -8,7 +8,8 @@ instruction split and the same held-out inputs. ``pbbjax.study`` runs them; this
 they are.
 
 Sizes: ``tiny`` (a tiny random model, seconds per run: the tests), ``cpu`` (the embedded SmolLM2-135M on a
-2-core CPU, about an hour per study with its default seeds) and paper scale (a model preset of
+2-core CPU, about an hour per study with its default seeds), ``demo`` (SmolLM2 in the main job's setting,
+where proactive PBB works: ``x + c`` programs) and paper scale (a model preset of
 ``pbbjax.presets``, optionally ``,<pod>``; the configs' own paper settings plus the study's ``paper``
 overrides).
 """
@@ -44,6 +45,7 @@ class Study:
     plots: tuple[str, ...] = ("arms",)  # arms | by_length | by_shift | over_steps | exchange_rate
     metrics: tuple[str, ...] = ("accuracy",)  # what the table and the arms plot show
     seeds: int = 3  # the default number of seeds
+    reference: str = ""  # an arm whose difference from every other arm is reported (paired bootstrap)
 
 
 # Every study: no per-stage HF exports (the runs' checkpoints suffice and are removed when a run ends).
@@ -135,10 +137,12 @@ def _representation() -> Study:
     )
 
 
-def _exchange_rate(ns_cpu=(1, 2, 5, 10, 20)) -> Study:
+def _exchange_rate() -> Study:
+    """AD(N) against PBB from one instruction, on the same eval programs after the same stage 1. On CPU in
+    the main job's setting (the ``demo`` preset: ``x + c`` programs, where PBB works), N up to 16: every
+    input of a program but the 4 held out is 17; PBB and each AD(N) replay stage-1 rows alike."""
     ad = Run("ad", "ad")
     arms = (Arm("stage1", "ad", "stage1"), Arm("pbb", "ad", "pbb"))
-    cpu = {**_ARITH_CPU, "data.ad_n": ns_cpu, "train.epochs": 2, "eval.sets": ("eval",)}
     return Study(
         "exchange-rate",
         "PBB from a single instruction matches Algorithm Distillation with N execution examples; for "
@@ -148,10 +152,12 @@ def _exchange_rate(ns_cpu=(1, 2, 5, 10, 20)) -> Study:
         arms,  # the AD(N) arms are added from data.ad_n (study.arms_of)
         {
             "tiny": {**_TINY, "data.ad_n": (1, 2), "eval.sets": ("eval",)},
-            "cpu": cpu,
+            "demo": {"data.ad_n": (1, 2, 4, 8, 16)},
             "paper": {**_PAPER, "data.ad_n": (1, 2, 5, 10, 20, 50, 100)},
         },
         plots=("arms", "exchange_rate"),
+        seeds=5,
+        reference="pbb",
     )
 
 
@@ -297,7 +303,7 @@ def _minimal() -> Study:
                 "data.num_train_instructions": 16,
                 "data.num_eval_instructions": 8,
                 "data.decl_repeats": 12,
-                "data.exec_per_instruction": 18,  # 17 survive: x in 0..20 less the 4 held-out inputs
+                "data.exec_per_instruction": 17,  # every input: x in 0..20 less the 4 held out
                 "data.eval_inputs": 4,
                 "data.replay_fraction": 0.5,  # against the format collapse of a declarative-only stage 2
                 "pipeline.batch_size": 2,
@@ -313,17 +319,33 @@ def _minimal() -> Study:
 
 
 def _demo() -> Study:
-    """The main job (``configs/proactive.py``, the ``demo`` preset) over seeds: the settings of the
-    ``minimal`` study with stage 2's replay doubled (``pbbjax.config._demo``)."""
+    """The main job (``configs/proactive.py``, the ``demo`` preset) over seeds, with the paper's controls in
+    its setting (the settings of the ``minimal`` study with stage 2's replay doubled, ``config._demo``):
+    stage 1 alone, stage 2 alone (the eval programs' code only, no replay), the homogeneous mixture of both
+    stages' rows, and proactive without replay. Every difference from proactive gets a paired interval."""
+    no_replay = {"data.replay_fraction": 0.0}
     return Study(
         "demo",
-        "Proactive PBB executes eval programs that stage 1 alone cannot.",
+        "Proactive PBB executes eval programs that stage 1 alone cannot, and the two-stage curriculum beats "
+        "stage 2 alone and the homogeneous mixture of the same rows.",
         "Fig. 3 lower left, CoT",
-        (Run("proactive", "proactive", {}),),
-        (Arm("stage1-only", "proactive", "stage1"), Arm("proactive", "proactive", "stage2")),
+        (
+            Run("proactive", "proactive", {}),
+            Run("stage2-only", "proactive", {"data.stages": "2", **no_replay}),
+            Run("mixture", "mixture", {}),
+            Run("no-replay", "proactive", no_replay),
+        ),
+        (
+            Arm("stage1-only", "proactive", "stage1"),
+            Arm("stage2-only", "stage2-only", "stage2"),
+            Arm("mixture", "mixture", "mixture"),
+            Arm("proactive-no-replay", "no-replay", "stage2"),
+            Arm("proactive", "proactive", "stage2"),
+        ),
         {"demo": {}, "tiny": _TINY},
         metrics=("accuracy", "recall"),
         seeds=5,
+        reference="proactive",
     )
 
 

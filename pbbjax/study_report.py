@@ -1,9 +1,17 @@
 """A study's comparison: its arms' evaluation records aggregated over seeds, as JSON, a table and plots.
 
-Each arm's row per (set, mode) holds the per-seed accuracies, their mean and a 95% interval: with two or
-more seeds a Student-t interval over the seeds' accuracies (``ci: "seeds"``); with one seed the run's own
-bootstrap interval over instructions (``ci: "instructions"``). Other numeric measures (held-out loss,
-CoT recall, grammar diversity and random baseline) are averaged over seeds.
+Each arm's row per (set, mode) holds the per-seed accuracies, their mean and a 95% interval. With two or
+more seeds and per-instruction results, the interval is a bootstrap over (seed, instruction) clusters:
+every seed's instructions are its own units, resampled with replacement and pooled by their rows
+(``ci: "clusters"``); seeds that happen to agree do not give it zero width, as a t-interval over seed
+means would. Without per-instruction results it is that Student-t interval (``ci: "seeds"``); with one
+seed, the run's own bootstrap over instructions (``ci: "instructions"``). Other numeric measures
+(held-out loss, CoT recall, grammar diversity and random baseline) are averaged over seeds.
+
+A study with a ``reference`` arm also reports each other arm's difference from it (reference minus arm)
+on every (set, mode) they share, with a paired bootstrap over the (seed, instruction) clusters that both
+evaluated: one resample draws the same clusters for both arms, so what the arms share (the seed's
+instructions and held-out inputs) cancels.
 
 The exchange rate N* (the N at which AD(N) reaches PBB from one instruction, interpolated in log N) is
 estimated from the seed-mean curves; its interval is a two-level bootstrap: seeds with replacement, then
@@ -25,7 +33,8 @@ from scipy import stats
 from pbbjax.plots import exchange_rate, plot_breakdown, plot_by_stage, plot_exchange_rate, plot_over_steps
 from pbbjax.training.metrics import json_value
 
-EXTRA_MEASURES = ("loss", "recall", "diversity", "random_baseline")
+# (eval_executions: the examples per eval instruction an AD(N) arm really trained on, its real N)
+EXTRA_MEASURES = ("loss", "recall", "diversity", "random_baseline", "eval_executions")
 # measures finer than accuracy, with a t-interval over seeds like accuracy's (within these bounds)
 SEED_INTERVALS = {"loss": (0.0, math.inf), "recall": (0.0, 1.0)}
 
@@ -59,7 +68,11 @@ def aggregate(arms, runs: dict, seeds: int) -> list[dict]:
             if accs:
                 row["accuracy"] = float(np.mean(accs))
                 row["per_seed"] = accs
-                if len(accs) >= 2:
+                clusters = _clusters(recs)
+                if len(accs) >= 2 and clusters is not None:
+                    row["ci_low"], row["ci_high"] = cluster_interval(clusters)
+                    row["ci"] = "clusters"
+                elif len(accs) >= 2:
                     row["ci_low"], row["ci_high"] = seed_interval(accs)
                     row["ci"] = "seeds"
                 else:
@@ -91,6 +104,78 @@ def _breakdown(tables: list[dict]) -> dict:
     return out
 
 
+# -- (seed, instruction) clusters ---------------------------------------------------------------------------
+
+
+def _clusters(recs: list[dict]) -> dict[tuple[int, str], tuple[int, float]] | None:
+    """{(seed index, instruction): (rows, accuracy)} of one arm's records (one per seed), or None where a
+    record lacks per-instruction results."""
+    if not recs or any(not r.get("by_instruction") for r in recs):
+        return None
+    return {(k, i): tuple(v) for k, r in enumerate(recs) for i, v in r["by_instruction"].items()}
+
+
+def _resampled_means(tables: list[dict], keys: list, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, len(tables)]: each table's row-weighted accuracy over the same resamples of ``keys``."""
+    n = np.array([[t[k][0] for k in keys] for t in tables], dtype=float)
+    hits = np.array([[t[k][0] * t[k][1] for k in keys] for t in tables], dtype=float)
+    picks = np.random.default_rng(seed).integers(0, len(keys), (n_boot, len(keys)))
+    return hits[:, picks].sum(-1).T / n[:, picks].sum(-1).T
+
+
+def cluster_interval(table: dict, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the pooled accuracy of one arm's (seed, instruction) clusters."""
+    draws = _resampled_means([table], sorted(table), n_boot, seed)[:, 0]
+    lo, hi = np.quantile(draws, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def differences(reference: str, arms, runs: dict, seeds: int, n_boot=2000, seed=0) -> list[dict]:
+    """Reference arm minus each other arm, per (set, mode) both evaluated, over the (seed, instruction)
+    clusters both have: the pooled difference and its paired 95% bootstrap interval."""
+    finals = {}  # (arm, set, mode) -> records, one per seed
+    for arm in arms:
+        for s in range(seeds):
+            for r in arm_finals(arm, runs[(arm.run, s)]):
+                finals.setdefault((arm.name, r["set"], r["mode"]), []).append(r)
+    out = []
+    for (name, set_name, mode), recs in finals.items():
+        ref = finals.get((reference, set_name, mode))
+        if name == reference or ref is None or len(ref) != len(recs):
+            continue
+        a, b = _clusters(ref), _clusters(recs)
+        if a is None or b is None or not (keys := sorted(set(a) & set(b))):
+            continue
+        point = [sum(t[k][0] * t[k][1] for k in keys) / sum(t[k][0] for k in keys) for t in (a, b)]
+        draws = _resampled_means([a, b], keys, n_boot, seed)
+        diff = draws[:, 0] - draws[:, 1]
+        lo, hi = np.quantile(diff, [0.025, 0.975])
+        out.append(
+            {
+                "arm": reference,
+                "minus": name,
+                "set": set_name,
+                "mode": mode,
+                "difference": float(point[0] - point[1]),
+                "ci_low": float(lo),
+                "ci_high": float(hi),
+                "clusters": len(keys),
+                "seeds": len(recs),
+            }
+        )
+    return out
+
+
+def differences_table(rows: list[dict]) -> str:
+    head = "| difference | set | mode | seeds | clusters | value | ci95 |\n|---|---|---|---|---|---|---|"
+    lines = [
+        f"| {d['arm']} - {d['minus']} | {d['set']} | {d['mode']} | {d['seeds']} | {d['clusters']} | "
+        f"{d['difference']:+.3f} | [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] |"
+        for d in rows
+    ]
+    return "\n".join([head, *lines])
+
+
 # -- the exchange rate --------------------------------------------------------------------------------------
 
 
@@ -108,12 +193,21 @@ def _pooled(tables: list[dict], draws: list[list[str]]) -> float:
     return num / den if den else float("nan")
 
 
+def _real_n(nominal: int, arm, runs: dict, seeds: int) -> float:
+    """The examples per eval instruction that AD(N) trained on, as its records say (``eval_executions``,
+    the same for every seed unless a domain ran short of inputs: then their mean); else the nominal N."""
+    real = [r.get("eval_executions") for s in range(seeds) for r in arm_finals(arm, runs[(arm.run, s)])]
+    real = [n for n in real if isinstance(n, int | float)]
+    return float(np.mean(real)) if real else float(nominal)
+
+
 def exchange_rate_estimate(arms, runs: dict, seeds: int, n_boot: int = 2000, seed: int = 0) -> dict | None:
     """N* from the seed-mean AD(N) curve and PBB, with its two-level bootstrap interval."""
     ad = sorted((int(a.after[2:]), a) for a in arms if a.after.startswith("ad") and a.after[2:].isdigit())
     pbb = next((a for a in arms if a.after == "pbb"), None)
     if pbb is None or len(ad) < 2:
         return None
+    ad = [(_real_n(n, a, runs, seeds), a) for n, a in ad]
     tables = {}  # (arm name, seed) -> {instruction: (n, accuracy)}
     for arm in [pbb] + [a for _, a in ad]:
         for s in range(seeds):
@@ -223,7 +317,13 @@ def write_study_plots(study, arms, rows, runs, seeds, xr, outdir: Path) -> list[
         if steps:
             paths.append(plot_over_steps(steps, outdir / "accuracy_over_steps.png", title))
     if "exchange_rate" in study.plots and xr is not None:
-        curve = [(n, r) for r in records if r["set"] == "eval" for n in [_ad_n(r["arm"])] if n is not None]
+        curve = [
+            (r.get("eval_executions", n), r)
+            for r in records
+            if r["set"] == "eval"
+            for n in [_ad_n(r["arm"])]
+            if n is not None
+        ]
         pbb = next((r for r in records if r["arm"] == "pbb" and r["set"] == "eval"), None)
         paths.append(
             plot_exchange_rate(
@@ -254,6 +354,8 @@ def report(study, arms, runs: dict, seeds: int, preset: str, out: Path) -> dict:
         "seeds": seeds,
         "arms": rows,
     }
+    if study.reference:
+        data["differences"] = differences(study.reference, arms, runs, seeds)
     if xr is not None:
         stage1 = {a.name for a in arms if a.after == "stage1"}
         base = [r["accuracy"] for r in rows if r["arm"] in stage1 and r["set"] == "eval"]
@@ -262,6 +364,9 @@ def report(study, arms, runs: dict, seeds: int, preset: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(_strict_json(data), indent=2, allow_nan=False))
     table = markdown_table(rows, study.metrics)
+    if data.get("differences"):
+        table += "\n\nDifferences (paired bootstrap over (seed, instruction) clusters):\n\n"
+        table += differences_table(data["differences"])
     if xr is not None:
         star = "not reached" if xr["n_star"] is None else f"{xr['n_star']:.3g}"
         if xr["n_star"] is not None and xr["ad_accuracy"][0] >= xr["pbb_accuracy"]:

@@ -179,8 +179,8 @@ def test_notebook_runs_the_tiny_preset_on_cpu(tmp_path, monkeypatch):
             "INSTALL": False,
             "STORAGE": "local",
             "WORKDIR": str(workdir),
-            # Smaller than the tiny preset: one epoch per stage, no evaluation before training. No export
-            # by the runner: the export cell then writes it from the checkpoint, as it does for models over 1B.
+            # Smaller than the tiny preset: one epoch per stage, no evaluation before training. No export by
+            # the runner: the export cell then writes it from the checkpoint, as it does for models over 1B.
             "OVERRIDES": {"train.epochs": 1, "eval.at_start": False, "train.export": False},
             "NUM_SAMPLES": 2,
         },

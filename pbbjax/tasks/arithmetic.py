@@ -132,6 +132,11 @@ class ArithmeticDomain:
     def instructions(self, n: int, seed: int) -> list[Instruction]:
         return [_instruction(p) for p in generate_programs(self.spec, n, seed)]
 
+    def input_space(self, instruction: Instruction) -> int:
+        """How many distinct argument lists the instruction takes: every input ranges over ``input_range``."""
+        low, high = self.spec.input_range
+        return (high - low + 1) ** instruction.meta["num_inputs"]
+
     def sample_inputs(self, instruction: Instruction, n: int, seed: int, split: str = "train") -> list[list]:
         """Up to ``n`` distinct argument lists from the input range (train and eval draw alike, but with
         different seeds, so they rarely collide)."""

@@ -9,6 +9,8 @@ A domain knows instructions and their execution; it knows nothing about tokens, 
   sentence"), deterministic.
   ``split="eval"`` may draw differently (ciphers: every shift equally); ciphers take ``skewed=True`` for
   the imbalanced demonstration distribution.
+- ``input_space(instruction)`` (optional): how many distinct inputs the instruction has, where that is
+  known and finite (arithmetic); the curriculum refuses to ask for more.
 - ``execute(instruction, inputs)``: one ``Example`` per input, with the ground-truth output (computed by
   really running the instruction, in a sandbox where it is code) and, where the domain has one, a
   chain-of-thought trace.

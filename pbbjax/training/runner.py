@@ -354,6 +354,9 @@ class Runner:
             put=self.put,
             cot=self.config.data.cot,
         )
+        stage = next((s for s in self.curriculum.stages if s.name == after), None)
+        if stage is not None and (n := stage.eval_executions()) is not None:  # AD(N), demonstrations
+            records = [{**r, "eval_executions": n} for r in records]
         records = [{"after": after, "step": step, "final": final, **r} for r in records]
         self.records = [r for r in self.records if (r["after"], r["step"]) != (after, step)] + records
         self._write_results()
