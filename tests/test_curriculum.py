@@ -206,3 +206,66 @@ def test_data_cli_dumps_are_deterministic(tmp_path, smollm2_dir):
 
     ds = datasets.load_from_disk(str(tmp_path / "a" / "stage1"))
     assert len(ds) == len(rows) and ds[0]["prompt"] == rows[0]["prompt"]
+
+
+def test_more_inputs_than_an_instruction_has_is_an_error():
+    """One-input x + c programs have 21 inputs (0..20): 4 held out leave 17 to train on, and asking for
+    more names the instruction, the field and the sizes (once a quiet shortfall: AD(20) trained on 18)."""
+    d = get_domain("arithmetic", num_inputs=(1, 1), length=(1, 1))
+    too_many = r"instruction arithmetic/\w+ .*has 21 distinct inputs, fewer than data.eval_inputs=4 held out"
+    with pytest.raises(ValueError, match=too_many + r" \+ data.exec_per_instruction=18"):
+        build_curriculum(d, "proactive", CurriculumConfig(**{**SMALL, "exec_per_instruction": 18}))
+    with pytest.raises(ValueError, match=too_many + r" \+ max\(data.ad_n\)=20"):
+        build_curriculum(d, "ad", CurriculumConfig(**{**SMALL, "ad_n": (1, 20)}))
+    with pytest.raises(ValueError, match=too_many + r" \+ data.demos=18"):
+        build_curriculum(d, "proactive", CurriculumConfig(**SMALL, demos=18))
+    every = build_curriculum(d, "proactive", CurriculumConfig(**{**SMALL, "exec_per_instruction": 17}))
+    inputs = {i: set() for i in every.train_ids}
+    for r in every.stages[0].rows:
+        if r.kind == "execution":
+            inputs[r.instruction_id].add(r.input)
+    assert all(len(v) == 17 for v in inputs.values()), "every input but the held-out ones, each once"
+
+
+PAPER_PRESET = "qwen3-14b"  # every model preset has the same data (asserted below)
+
+
+@pytest.mark.parametrize("name", ["proactive", "retroactive", "mixture", "ad"])
+def test_paper_presets_build_with_every_count(name):
+    """The paper presets' curricula have exactly the rows their config asks for: no instruction runs short
+    of inputs (one-input arithmetic programs need 20 held out + 100 for AD(100))."""
+    from pbbjax.presets import MODELS
+    from pbbjax.studies import STUDIES
+
+    c = load_config(f"configs/{name}.py:{PAPER_PRESET}")
+    for model in MODELS:
+        other = load_config(f"configs/{name}.py:{model}")
+        assert (other.data, other.domain_options) == (c.data, c.domain_options), model
+    if name == "ad":
+        c.data.ad_n = STUDIES["exchange-rate"].sizes["paper"]["data.ad_n"]
+    data = c.data
+    cur = build_curriculum(domain_of(c), name, curriculum_config(c))
+    n_train, n_eval = data.num_train_instructions, data.num_eval_instructions
+    assert (len(cur.train_ids), len(cur.eval_ids)) == (n_train, n_eval)
+    for set_name, ids in (("eval", cur.eval_ids), ("train", cur.train_ids)):
+        rows = cur.eval_sets[set_name]
+        assert len(rows) == len(ids) * data.eval_inputs
+        assert all(sum(r.instruction_id == i for r in rows) == data.eval_inputs for i in ids)
+    stages = {s.name: s for s in cur.stages}
+    decl, execs = data.decl_repeats, data.exec_per_instruction
+    expected = {
+        "proactive": {"stage1": n_train * (decl + execs), "stage2": n_eval * decl},
+        "retroactive": {"stage1": (n_train + n_eval) * decl, "stage2": n_train * execs},
+        "mixture": {"mixture": n_train * (decl + execs) + n_eval * decl},
+        "ad": {"stage1": n_train * (decl + execs), "pbb": n_eval * decl}
+        | {f"ad{n}": n_eval * n for n in data.ad_n},
+    }[name]
+    assert {k: len(s.rows) for k, s in stages.items()} == expected
+    executing = {"retroactive": "stage2", "mixture": "mixture"}.get(name, "stage1")  # the train programs'
+    per = {}
+    for r in stages[executing].rows:
+        if r.kind == "execution" and r.split == "train":
+            per.setdefault(r.instruction_id, set()).add(r.input)
+    assert len(per) == n_train and {len(v) for v in per.values()} == {execs}
+    for n in data.ad_n if name == "ad" else ():
+        assert stages[f"ad{n}"].eval_executions() == n

@@ -11,7 +11,14 @@ from scipy import stats
 
 from pbbjax import study as study_mod
 from pbbjax.studies import STUDIES, Arm
-from pbbjax.study_report import aggregate, exchange_rate_estimate, markdown_table, report, seed_interval
+from pbbjax.study_report import (
+    aggregate,
+    differences,
+    exchange_rate_estimate,
+    markdown_table,
+    report,
+    seed_interval,
+)
 from pbbjax.training.checkpoint import Checkpointer
 
 ROOT = Path(__file__).parent.parent
@@ -67,6 +74,11 @@ def test_study_end_to_end_tiny(name, tmp_path):
             "| recall [95% CI] |" in (out / "table.md").read_text()
             and (out / "plots" / "arms_recall.png").exists()
         )
+    if name == "demo":  # the controls: proactive minus each other arm, paired over (seed, program)
+        minus = {d["minus"] for d in data["differences"] if d["set"] == "eval"}
+        assert minus == {"stage1-only", "stage2-only", "mixture", "proactive-no-replay"}
+        assert all(-1.0 <= d["ci_low"] <= d["ci_high"] <= 1.0 for d in data["differences"])
+        assert "proactive - mixture" in (out / "table.md").read_text()
     assert not list(work.glob("*/seed0/checkpoints/*")), "a finished run's checkpoints are removed"
 
 
@@ -98,7 +110,11 @@ def test_exchange_rate_study_resumes_after_a_kill(tmp_path, monkeypatch, capsys,
     assert [m for m in caplog.messages if m.startswith("resuming from checkpoint")], caplog.messages
     data = check_outputs("exchange-rate", out, 2)
     xr = data["exchange_rate"]
-    assert xr["ns"] == [1, 2] and 0 <= xr["reached_in"] <= 1
+    assert xr["ns"] == [1, 2] and 0 <= xr["reached_in"] <= 1  # the real N, from the records
+    assert {r["arm"]: r["eval_executions"] for r in data["arms"] if r["arm"].startswith("ad")} == {
+        "ad1": 1.0,
+        "ad2": 2.0,
+    }
     assert float(xr["ci_low"]) <= float(xr["ci_high"])  # "inf" (a string: strict JSON) when not reached
 
 
@@ -154,6 +170,28 @@ def test_aggregate_over_seeds_and_single_seed_intervals():
     )
     (one,) = aggregate(arms, {("r", 0): runs[("r", 0)]}, 1)
     assert (one["ci_low"], one["ci_high"], one["ci"]) == (0.4, 0.6, "instructions")
+
+
+def test_cluster_intervals_and_paired_differences():
+    """Two seeds with the same accuracy from different programs: a t-interval over the seeds would have zero
+    width; the (seed, program) bootstrap does not. Differences are paired: the same clusters for both arms."""
+    arms = (Arm("ref", "r", "stage2"), Arm("other", "r", "stage1"), Arm("same", "r", "mixture"))
+    ref, other = {"i": [4, 1.0], "j": [4, 0.0]}, {"i": [4, 0.5], "j": [4, 0.0]}
+    runs = {
+        ("r", s): [_rec("stage2", 0.5, ref), _rec("stage1", 0.25, other), _rec("mixture", 0.5, ref)]
+        for s in (0, 1)
+    }
+    rows = {r["arm"]: r for r in aggregate(arms, runs, 2)}
+    assert rows["ref"]["ci"] == "clusters" and rows["ref"]["per_seed"] == [0.5, 0.5]
+    assert rows["ref"]["ci_low"] < 0.5 < rows["ref"]["ci_high"]
+    by_minus = {d["minus"]: d for d in differences("ref", arms, runs, 2, n_boot=500)}
+    d = by_minus["other"]
+    assert (d["arm"], d["set"], d["mode"], d["clusters"], d["seeds"]) == ("ref", "eval", "direct", 4, 2)
+    # per cluster ref - other is 0.5 (program i) or 0 (program j): every paired resample lies in [0, 0.5]
+    assert d["difference"] == pytest.approx(0.25) and 0.0 <= d["ci_low"] < 0.25 < d["ci_high"] <= 0.5
+    same = by_minus["same"]  # identical arms: no difference in any resample
+    assert (same["difference"], same["ci_low"], same["ci_high"]) == (0.0, 0.0, 0.0)
+    assert differences("missing", arms, runs, 2) == []
 
 
 def test_exchange_rate_point_estimate_and_interval():
