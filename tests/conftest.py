@@ -147,6 +147,19 @@ def smollm2_reference():
     return model, tokenizer
 
 
+def train_cli(args, workdir) -> str:
+    """``python -m pbbjax.train ARGS --config.workdir=WORKDIR`` in a subprocess (absl's flags are per
+    process), from the repository root; asserts it succeeded and returns its output."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "pbbjax.train", *args, f"--config.workdir={workdir}"]
+    done = subprocess.run(cmd, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
 def load_config(spec: str):
     """A configs/*.py file's config, as ``--config path[:preset]`` loads it."""
     import importlib.util

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 import transformers
-from conftest import hf_logits
+from conftest import hf_logits, train_cli
 from etils import epath
 from flax import nnx
 from safetensors.numpy import load_file
@@ -39,9 +39,7 @@ RUN = [
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    cmd = [sys.executable, "-m", "pbbjax.train", *RUN, f"--config.workdir={workdir}"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    train_cli(RUN, workdir)
     return workdir
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import train_cli
 
 import pbbjax.export
 from pbbjax import hub
@@ -46,9 +47,7 @@ class FakeHfApi:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    cmd = [sys.executable, "-m", "pbbjax.train", *RUN, f"--config.workdir={workdir}"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    train_cli(RUN, workdir)
     return workdir
 
 

@@ -3,13 +3,11 @@ export CLI (merged and peft adapter) against the run's own exports and against p
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import hf_logits, load_config
+from conftest import hf_logits, load_config, train_cli
 from safetensors.numpy import load_file
 
 from pbbjax.export import export_checkpoint
@@ -29,10 +27,7 @@ ADAPTER = "adapter_model.safetensors"
 
 
 def _train(workdir) -> str:
-    cmd = [sys.executable, "-m", "pbbjax.train", *LORA, f"--config.workdir={workdir}"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout + done.stderr
+    return train_cli(LORA, workdir)
 
 
 def _tensors(path: Path) -> dict[str, np.ndarray]:
