@@ -86,6 +86,7 @@ class Curriculum:
     eval_ids: list[str]
     stages: list[Stage]
     eval_sets: dict[str, list[Row]]  # "eval", "train", "in_context", "compositions"
+    representation: str = "code"  # how the instructions' text reads in training and in context: code | nl
 
 
 def derive_seed(seed: int, *parts) -> int:
@@ -240,6 +241,7 @@ def build_curriculum(domain: Domain, name: str, cfg: CurriculumConfig) -> Curric
         eval_ids=[i.id for i in b.eval],
         stages=stages,
         eval_sets=_eval_sets(b, instructions),
+        representation=cfg.representation,
     )
 
 
@@ -247,8 +249,11 @@ def _eval_sets(b: _Builder, instructions: dict[str, Instruction]) -> dict[str, l
     cfg, d = b.cfg, b.domain
 
     def rows(group, split, name, in_context=False):
+        nl = cfg.representation == "nl"
         return [
-            execution_row(d, ins, ex, split, name, b.rng(), augment=False, cot=cfg.cot, in_context=in_context)
+            execution_row(
+                d, ins, ex, split, name, b.rng(), augment=False, cot=cfg.cot, in_context=in_context, nl=nl
+            )
             for ins in group
             for ex in b.held_out[ins.id]
         ]

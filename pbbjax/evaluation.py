@@ -12,10 +12,11 @@ Modes (how the model is asked; ``EvalConfig.modes``):
   at once (``max_new_tokens``).
 - ``cot``: pointer + input; free generation (``cot_max_new_tokens``); the answer is the text after the last
   ``Answer:``.
-- ``in_context``: the instruction's text is put before the prompt (the paper's upper reference); free
+- ``in_context``: the instruction's text (its natural-language form under ``representation=nl``) is put
+  before the prompt (the paper's upper reference), and a sentence after it asks for a final ``Answer:``
+  line; free generation.
+- ``zero_shot``: pointer + input + that sentence, for models never trained on the answer format; free
   generation.
-- ``zero_shot``: pointer + input + a sentence asking for a final ``Answer:`` line, for models never trained
-  on the answer format; free generation.
 - ``auto``: ``cot`` when the curriculum trains with CoT, else ``direct``.
 
 Scores come from the domain (exact match of the extracted, normalised answer; grammars: acceptance by the
@@ -54,7 +55,9 @@ from pbbjax.training.metrics import format_table
 
 MODES = ("direct", "cot", "in_context", "zero_shot")
 SAMPLES = 8  # sample generations kept per record: the first row of each of the first SAMPLES programs
-ZERO_SHOT_HINT = f'\n\nWork it out, then end your reply with a line of the form "{ANSWER_MARKER} <result>".'
+# What the free-generation modes for a model maybe never trained on the answer format (zero-shot, in-context)
+# add to the prompt, so that they measure execution, not whether the model guesses the format.
+ANSWER_HINT = f'\n\nWork it out, then end your reply with a line of the form "{ANSWER_MARKER} <result>".'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,14 +122,16 @@ def resolve_mode(mode: str, cot: bool) -> str:
     return ("cot" if cot else "direct") if mode == "auto" else mode
 
 
-def render_prompt(tokenizer, row: Row, instruction: Instruction, mode: str) -> tuple[str, str]:
-    """(the text the model continues, the prefill it continues from) for one row in one mode."""
+def render_prompt(tokenizer, row: Row, instruction: Instruction, mode: str, nl=False) -> tuple[str, str]:
+    """(the text the model continues, the prefill it continues from) for one row in one mode; ``nl``: the
+    instruction as the in-context modes show it is its natural-language form (``representation=nl``)."""
     prompt = row.prompt
     if mode == "in_context":
-        prefix = IN_CONTEXT_PREFIX.format(name=instruction.name, text=instruction.text)
+        text = instruction.text_nl if nl else instruction.text
+        prefix = IN_CONTEXT_PREFIX.format(name=instruction.name, text=text)
         prompt = prompt if prompt.startswith(prefix) else prefix + prompt
-    elif mode == "zero_shot":
-        prompt += ZERO_SHOT_HINT
+    if mode in ("in_context", "zero_shot"):  # free generation by a model that may not know the format
+        prompt += ANSWER_HINT
     prefill = ANSWER_MARKER if mode == "direct" else ""
     return chat_prompt(tokenizer, prompt) + prefill, prefill
 
@@ -144,10 +149,10 @@ def score_texts(domain: Domain, instructions: dict[str, Instruction], rows: list
 
 
 def generate_answers(
-    model, tokenizer, instructions, rows: list[Row], mode: str, cfg: EvalConfig
+    model, tokenizer, instructions, rows: list[Row], mode: str, cfg: EvalConfig, nl: bool = False
 ) -> list[str]:
     """The model's completion of every row in ``mode`` (prefill included), in batches of ``batch_size``."""
-    rendered = [render_prompt(tokenizer, r, instructions[r.instruction_id], mode) for r in rows]
+    rendered = [render_prompt(tokenizer, r, instructions[r.instruction_id], mode, nl) for r in rows]
     budget = cfg.max_new_tokens if mode == "direct" else cfg.cot_max_new_tokens
     texts: list[str] = []
     for i in range(0, len(rendered), cfg.batch_size):
@@ -268,7 +273,8 @@ def evaluate(
             if not hasattr(domain, "random_baseline"):
                 record["floor"] = guessing_floor(rows)
             if cfg.generate and rows:
-                texts = generate_answers(model, tokenizer, curriculum.instructions, rows, mode, cfg)
+                nl = curriculum.representation == "nl"
+                texts = generate_answers(model, tokenizer, curriculum.instructions, rows, mode, cfg, nl)
                 scores = score_texts(domain, curriculum.instructions, rows, texts)
                 record |= summarize(scores, rows, curriculum.instructions, cfg)
                 if mode == "cot" and hasattr(domain, "recall"):  # the trace states the program's statements

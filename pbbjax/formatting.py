@@ -82,6 +82,7 @@ def execution_row(
     augment: bool,
     cot: bool,
     in_context: bool = False,
+    nl: bool = False,
 ) -> Row:
     template = pick_template(domain.execution_templates, rng, augment)
     return Row(
@@ -89,7 +90,7 @@ def execution_row(
         "execution",
         ins.id,
         split,
-        execution_prompt(domain, ins, example, template, in_context=in_context),
+        execution_prompt(domain, ins, example, template, in_context=in_context, nl=nl),
         execution_completion(example, cot=cot),
         input=json.dumps(example.input),
         output=example.output,

@@ -10,7 +10,7 @@ from scipy import stats
 import pbbjax.plots
 from pbbjax.curriculum import CurriculumConfig, build_curriculum
 from pbbjax.evaluation import (
-    ZERO_SHOT_HINT,
+    ANSWER_HINT,
     EvalConfig,
     bootstrap_ci,
     grammar_measures,
@@ -67,13 +67,23 @@ def test_modes_render_the_prompt_and_prefill(arithmetic):
     assert (text, prefill) == (f"{row.prompt}\nAnswer:", "Answer:")
     assert render_prompt(PlainTokenizer(), row, ins, "cot") == (f"{row.prompt}\n", "")
     text, _ = render_prompt(PlainTokenizer(), row, ins, "zero_shot")
-    assert text == f"{row.prompt}{ZERO_SHOT_HINT}\n"
+    assert text == f"{row.prompt}{ANSWER_HINT}\n"
+    # In context: the instruction before the prompt, and the answer format asked for after it (the base
+    # model otherwise answers in prose, and the arm would measure the format, not execution).
     text, _ = render_prompt(PlainTokenizer(), row, ins, "in_context")
     prefix = IN_CONTEXT_PREFIX.format(name=ins.name, text=ins.text)
-    assert text == f"{prefix}{row.prompt}\n" and ins.text in text
+    assert text == f"{prefix}{row.prompt}{ANSWER_HINT}\n" and ins.text in text
     ic_row = next(r for r in cur.eval_sets["in_context"] if r.instruction_id == row.instruction_id)
     text, _ = render_prompt(PlainTokenizer(), ic_row, ins, "in_context")
     assert text.count(ins.text) == 1, "rows that already carry the instruction are not prefixed twice"
+    # Under representation=nl the instruction in context is its natural-language form, never its code.
+    text, _ = render_prompt(PlainTokenizer(), row, ins, "in_context", nl=True)
+    assert ins.text_nl in text and ins.text not in text
+    nl_cfg = CurriculumConfig(num_train_instructions=4, num_eval_instructions=3, representation="nl")
+    nl_cur = build_curriculum(domain, "proactive", nl_cfg)
+    nl_row = nl_cur.eval_sets["in_context"][0]
+    nl_ins = nl_cur.instructions[nl_row.instruction_id]
+    assert nl_row.prompt.startswith(IN_CONTEXT_PREFIX.format(name=nl_ins.name, text=nl_ins.text_nl))
     with pytest.raises(ValueError, match="eval.modes has 'fewshot'"):
         EvalConfig(modes=("fewshot",))
 
