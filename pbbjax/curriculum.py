@@ -164,8 +164,9 @@ class _Builder:
 
     def execution(self, instructions, split: str, stage: str, n: int) -> list[Row]:
         cfg, rng = self.cfg, self.rng("execution", stage, split, n)
+        nl = cfg.representation == "nl"
         return [
-            execution_row(self.domain, ins, ex, split, stage, rng, augment=cfg.augment, cot=cfg.cot)
+            execution_row(self.domain, ins, ex, split, stage, rng, augment=cfg.augment, cot=cfg.cot, nl=nl)
             for ins in instructions
             for ex in self.pool[ins.id][:n]
         ]

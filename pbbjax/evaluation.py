@@ -279,7 +279,7 @@ def evaluate(
                 record |= summarize(scores, rows, curriculum.instructions, cfg)
                 if mode == "cot" and hasattr(domain, "recall"):  # the trace states the program's statements
                     recalled = [
-                        domain.recall(curriculum.instructions[r.instruction_id], t)
+                        domain.recall(curriculum.instructions[r.instruction_id], t, nl)
                         for r, t in zip(rows, texts, strict=True)
                     ]
                     record["recall"] = float(np.mean(recalled))

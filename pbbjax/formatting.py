@@ -66,9 +66,12 @@ def execution_prompt(
     return prompt
 
 
-def execution_completion(example: Example, *, cot: bool) -> str:
+def execution_completion(example: Example, *, cot: bool, nl: bool = False) -> str:
+    """The answer line, after the trace with ``cot`` (in the words of the natural-language form with
+    ``nl``, where the domain has such a trace)."""
     answer = f"{ANSWER_MARKER} {example.output}"
-    return f"{example.cot}\n{answer}" if cot and example.cot else answer
+    trace = (example.cot_nl if nl else None) or example.cot
+    return f"{trace}\n{answer}" if cot and trace else answer
 
 
 def execution_row(
@@ -91,7 +94,7 @@ def execution_row(
         ins.id,
         split,
         execution_prompt(domain, ins, example, template, in_context=in_context, nl=nl),
-        execution_completion(example, cot=cot),
+        execution_completion(example, cot=cot, nl=nl),
         input=json.dumps(example.input),
         output=example.output,
         meta=json.dumps(example.meta, sort_keys=True),

@@ -138,6 +138,14 @@ def test_variants_nl_augmentation_cot_in_context(domains):
         assert plain.instructions[r.instruction_id].text in r.prompt
     for r in plain.eval_sets["eval"]:
         assert plain.instructions[r.instruction_id].text not in r.prompt
+    # Under nl with CoT, traces restate the English description and in-context prompts show it, not code.
+    nl_cot = build_curriculum(d, "proactive", CurriculumConfig(**SMALL, representation="nl", cot=True))
+    ex = [r for r in nl_cot.stages[0].rows if r.kind == "execution"]
+    assert ex and all(" and returns the result: " in r.completion for r in ex)
+    assert not any("return " in r.completion for r in ex)
+    for r in nl_cot.eval_sets["in_context"]:
+        ins = nl_cot.instructions[r.instruction_id]
+        assert ins.text_nl in r.prompt and ins.text not in r.prompt
 
 
 def test_compositions_of_eval_instructions(domains):

@@ -151,6 +151,25 @@ def test_cot_values_equal_step_by_step_python(generated, reference):
     assert pairs >= 1000
 
 
+def test_natural_language_traces_follow_the_description(generated, reference):
+    """``cot_nl`` (the trace under ``representation=nl``): the same values as the code trace, each statement
+    stated as the English description states it and never as code, so neither condition gets a copy of
+    its own text that the other lacks; ``recall`` finds each trace's program in its own form only."""
+    domain = get_domain("arithmetic")
+    for (_, _, inst, examples), (_, traced, _) in zip(generated, reference, strict=True):
+        code_lines = {line.strip() for line in inst.text.splitlines()[1:]}
+        for example, (_, values, _) in zip(examples, traced, strict=True):
+            lines, header = example.cot_nl.split("\n"), 1 + len(example.input)
+            assert lines[:header] == example.cot.split("\n")[:header]  # the call and its inputs
+            steps = lines[header:]
+            assert [int(re.search(r"(-?\d+)$", line).group(1)) for line in steps] == values, example.cot_nl
+            stated = [line.split(": ")[0] + "." for line in steps if "checks whether" not in line]
+            assert all(sentence in inst.text_nl for sentence in stated), example.cot_nl
+            assert not code_lines & {line.split(" = ")[0].strip() for line in steps}, example.cot_nl
+            assert domain.recall(inst, example.cot_nl, nl=True) == 1.0 == domain.recall(inst, example.cot)
+            assert domain.recall(inst, example.cot_nl) == 0.0 == domain.recall(inst, example.cot, nl=True)
+
+
 def test_descriptions_mention_every_input_and_constant(generated):
     for _, _, inst, _ in generated:
         fn = ast.parse(inst.text).body[0]

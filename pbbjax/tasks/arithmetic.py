@@ -175,16 +175,18 @@ class ArithmeticDomain:
             return float(answer.strip() == example.output.strip())
         return float(type(got) is type(expected) and got == expected)
 
-    def recall(self, instruction: Instruction, text: str) -> float:
+    def recall(self, instruction: Instruction, text: str, nl: bool = False) -> float:
         """1.0 iff a generated CoT trace states every statement of the program symbolically, in order
-        (``return x - 14``, ``b = x * 3``, ``if b > 7``), whatever values it then computes: whether the
+        (``return x - 14``, ``b = x * 3``, ``if b > 7``; with ``nl``, as the natural-language trace says
+        them: ``subtracts 14 from x and returns the result:``), whatever values it then computes: whether the
         model retrieved the program it learnt, apart from its arithmetic. For a composition, every program
         of the chain."""
-        heads = [
-            _head(stmt)
-            for program in parse_chain(instruction.text, instruction.meta["entry_point"])
-            for stmt in program.body
-        ]
+        heads = []
+        for program in parse_chain(instruction.text, instruction.meta["entry_point"]):
+            known = set(program.params)
+            for stmt in program.body:
+                heads.append(_head_nl(stmt, known) if nl else _head(stmt))
+                known.add(target(stmt))
         at = 0
         for head in heads:
             found = text.find(head, at)
@@ -282,10 +284,12 @@ def _examples(instruction: Instruction, inputs: list[list], results: list) -> li
         return []
     args = [np.array(column, dtype=np.int64) for column in zip(*inputs, strict=True)]
     traces: list[list[str]] = [[] for _ in inputs]
+    traces_nl: list[list[str]] = [[] for _ in inputs]
     for program in parse_chain(instruction.text, instruction.meta["entry_point"]):
         steps = run(program, args)
-        for i, lines in enumerate(traces):
+        for i, (lines, lines_nl) in enumerate(zip(traces, traces_nl, strict=True)):
             lines += trace_lines(program, steps, i)
+            lines_nl += trace_lines_nl(program, steps, i)
         args = [steps[-1].value]
     examples = []
     for i, (arguments, result) in enumerate(zip(inputs, results, strict=True)):
@@ -295,7 +299,8 @@ def _examples(instruction: Instruction, inputs: list[list], results: list) -> li
                 f"{result.error or result.value}, the step evaluator {int(args[0][i])}"
             )
         output = encode_output(result.value)
-        examples.append(Example(instruction.id, list(arguments), output, "\n".join(traces[i])))
+        cot, cot_nl = "\n".join(traces[i]), "\n".join(traces_nl[i])
+        examples.append(Example(instruction.id, list(arguments), output, cot, cot_nl=cot_nl))
     return examples
 
 
@@ -319,6 +324,40 @@ def trace_lines(program: Program, steps: list[Step], i: int) -> list[str]:
         else:
             lines.append(f"{_head(stmt)}{render_expr(stmt.expr, values)} = {result}")
     return lines
+
+
+def trace_lines_nl(program: Program, steps: list[Step], i: int) -> list[str]:
+    """``trace_lines`` in the words of ``describe`` (the instruction's natural-language form): each statement
+    as its sentence says it, then its values, so that a trace restates the English the model read, as the
+    code trace restates the code (``representation=nl``)."""
+    lines = trace_lines(program, steps, i)[: 1 + len(program.params)]  # the call and its inputs
+    known = set(program.params)
+    for position, (stmt, step) in enumerate(zip(program.body, steps, strict=True)):
+        values = {name: int(column[i]) for name, column in step.env.items()}
+        result = int(step.value[i])
+        lead = "It" if position == 0 else "Finally, it" if isinstance(stmt, Return) else "Then it"
+        if isinstance(stmt, If):
+            taken = bool(step.cond[i])
+            test = f"{lead} {_head_nl(stmt)} {values[stmt.var]} {stmt.cmp} {stmt.threshold} is {taken}"
+            branch = stmt.then if taken else stmt.orelse
+            if branch is None:
+                lines.append(f"{test}, so it leaves {stmt.var} unchanged: {result}")
+            else:
+                worked = f"{render_expr(branch.expr, values)} = {result}"
+                lines.append(f"{test}, so it {_head_nl(branch, known)} {worked}")
+        else:
+            lines.append(f"{lead} {_head_nl(stmt, known)} {render_expr(stmt.expr, values)} = {result}")
+        known.add(target(stmt))
+    return lines
+
+
+def _head_nl(stmt: Assign | If | Return, known: frozenset | set = frozenset()) -> str:
+    """A statement as its natural-language trace line states it, before any value (``recall`` under nl)."""
+    if isinstance(stmt, If):
+        return f"checks whether {stmt.var} {_COMPARISON_WORDS[stmt.cmp]} {stmt.threshold}:"
+    if isinstance(stmt, Return):
+        return f"{_action(stmt.expr)} and returns the result:"
+    return f"{_assignment(stmt, known)}:"
 
 
 def _head(stmt: Assign | If | Return) -> str:

@@ -48,6 +48,7 @@ class Example:
     output: str  # the JSON-encoded result, or the generated sentence
     cot: str | None = None  # the step-by-step trace, ending before the answer line
     meta: dict = dataclasses.field(default_factory=dict, compare=False)  # e.g. {"shift": 13}
+    cot_nl: str | None = None  # the trace in the words of the instruction's natural-language form
 
 
 def encode_output(value: Any) -> str:
