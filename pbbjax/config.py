@@ -28,7 +28,7 @@ import inspect
 
 import ml_collections
 
-from pbbjax.curriculum import CURRICULA, CurriculumConfig
+from pbbjax.curriculum import CURRICULA, CurriculumConfig, build_curriculum
 from pbbjax.distributed import CLUSTER_DEFAULTS
 from pbbjax.evaluation import EvalConfig
 from pbbjax.models.config import LORA_TARGETS, LoRAConfig
@@ -236,19 +236,30 @@ def select_preset(c: ml_collections.ConfigDict, preset: str | None) -> ml_collec
     return c
 
 
-def domain_of(c: ml_collections.ConfigDict):
+def domain_of(c: ml_collections.ConfigDict, field: str = "domain"):
+    """The domain that config field ``field`` names (``domain``, or ``data.stage1_domain``), built with its
+    ``domain_options``."""
     set_sandbox_mode(c.sandbox)
-    if c.domain not in c.domain_options:
+    name = c.domain if field == "domain" else c.data.stage1_domain
+    if name not in c.domain_options:
         raise ValueError(
-            f"unknown domain {c.domain!r} (config field 'domain'); domains: "
+            f"unknown domain {name!r} (config field {field!r}); domains: "
             f"{', '.join(sorted(c.domain_options))}"
         )
-    options = c.domain_options[c.domain].to_dict()
+    options = c.domain_options[name].to_dict()
     if c.corpus:
-        if c.domain != "leetcode":
+        if "leetcode" not in (c.domain, c.data.stage1_domain):
             raise ValueError(f"config field 'corpus' is for the leetcode domain, not {c.domain!r}")
-        options["corpus"] = c.corpus
-    return get_domain(c.domain, **options)
+        if name == "leetcode":
+            options["corpus"] = c.corpus
+    return get_domain(name, **options)
+
+
+def build_config_curriculum(c: ml_collections.ConfigDict):
+    """(the domain, the curriculum) that the config describes: every caller builds it this way."""
+    domain = domain_of(c)
+    stage1 = domain_of(c, "data.stage1_domain") if c.data.stage1_domain else None
+    return domain, build_curriculum(domain, c.curriculum, curriculum_config(c), stage1)
 
 
 def curriculum_config(c: ml_collections.ConfigDict) -> CurriculumConfig:

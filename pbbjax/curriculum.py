@@ -51,6 +51,7 @@ class CurriculumConfig:
     representation: str = "code"  # "code" | "nl"
     stages: str = "all"  # "all" | "1" | "2"
     num_compositions: int = 0  # evaluation pairs f(g(x)) of eval instructions, where the domain composes
+    stage1_domain: str = ""  # the train instructions' domain, when not the eval ones' (the paper's ciphers)
     seed: int = 0
 
     def __post_init__(self):
@@ -87,6 +88,7 @@ class Curriculum:
     stages: list[Stage]
     eval_sets: dict[str, list[Row]]  # "eval", "train", "in_context", "compositions"
     representation: str = "code"  # how the instructions' text reads in training and in context: code | nl
+    stage1_domain: str = ""  # the train instructions' domain where it is not ``domain``
 
 
 def derive_seed(seed: int, *parts) -> int:
@@ -99,9 +101,8 @@ def _key(x) -> str | None:
 
 
 class _Builder:
-    def __init__(self, domain: Domain, cfg: CurriculumConfig):
+    def __init__(self, domain: Domain, cfg: CurriculumConfig, n_train: int, n_eval: int):
         self.domain, self.cfg = domain, cfg
-        n_train, n_eval = cfg.num_train_instructions, cfg.num_eval_instructions
         found = domain.instructions(n_train + n_eval, cfg.seed)
         if len(found) < n_train + n_eval:
             raise ValueError(
@@ -177,20 +178,44 @@ class _Builder:
         return rows
 
 
-def build_curriculum(domain: Domain, name: str, cfg: CurriculumConfig) -> Curriculum:
+def build_curriculum(
+    domain: Domain, name: str, cfg: CurriculumConfig, stage1_domain: Domain | None = None
+) -> Curriculum:
+    """The curriculum ``name`` over ``domain``'s instructions; with ``stage1_domain`` (the domain that
+    ``cfg.stage1_domain`` names) the train instructions, which stage 1 executes, come from it instead (the
+    paper's ciphers: LeetCode programs in stage 1, ciphers in stage 2), and there is no ``train`` evaluation
+    set (evaluation scores with ``domain``)."""
     if name not in CURRICULA:
         raise ValueError(f"unknown curriculum {name!r}; curricula: {', '.join(CURRICULA)}")
-    b = _Builder(domain, cfg)
+    n_train, n_eval = cfg.num_train_instructions, cfg.num_eval_instructions
+    if (stage1_domain is None) != (not cfg.stage1_domain):
+        raise ValueError(f"data.stage1_domain={cfg.stage1_domain!r} needs its domain, and only then one")
+    if stage1_domain is None:
+        tb = b = _Builder(domain, cfg, n_train, n_eval)  # one domain: its instructions split in two
+    elif name not in ("proactive", "mixture", "ad"):
+        raise ValueError(
+            f"data.stage1_domain={cfg.stage1_domain!r} is for curricula whose stage 1 is the train "
+            f"instructions' code and executions (proactive, mixture, ad), not {name!r}"
+        )
+    else:
+        # nothing held out of the train instructions: without a train evaluation set, all go to stage 1
+        tb = _Builder(stage1_domain, dataclasses.replace(cfg, eval_inputs=0), n_train, 0)
+        b = _Builder(domain, cfg, 0, n_eval)
+        _check_pointers(tb.train + b.eval)
     n_demo, demo_field = (max(cfg.ad_n), "max(data.ad_n)") if name == "ad" else (cfg.demos, "data.demos")
-    plans = {
-        ins.id: (ins, *b.plan(ins, cfg.exec_per_instruction, "data.exec_per_instruction")) for ins in b.train
-    }
-    plans |= {ins.id: (ins, *b.plan(ins, n_demo, demo_field, skewed=cfg.skewed_demos)) for ins in b.eval}
-    b.execute(plans)
+    field = "data.exec_per_instruction"
+    plans = {ins.id: (ins, *tb.plan(ins, cfg.exec_per_instruction, field)) for ins in tb.train}
+    eval_plans = {ins.id: (ins, *b.plan(ins, n_demo, demo_field, skewed=cfg.skewed_demos)) for ins in b.eval}
+    if tb is b:
+        b.execute(plans | eval_plans)  # one sandbox batch
+    else:
+        tb.execute(plans)
+        b.execute(eval_plans)
 
     def proactive_stage1():
-        rows = b.declarative(b.train, "train", "stage1")
-        return b.shuffled(rows + b.execution(b.train, "train", "stage1", cfg.exec_per_instruction), "stage1")
+        rows = tb.declarative(tb.train, "train", "stage1")
+        rows += tb.execution(tb.train, "train", "stage1", cfg.exec_per_instruction)
+        return b.shuffled(rows, "stage1")
 
     def proactive_stage2_rows():
         rows = b.declarative(b.eval, "eval", "stage2") if cfg.stage2_declarative else []
@@ -233,20 +258,31 @@ def build_curriculum(domain: Domain, name: str, cfg: CurriculumConfig) -> Curric
         stages = []
     if cfg.stages != "all" and name in ("proactive", "retroactive"):
         stages = [s for s in stages if s.name == f"stage{cfg.stages}"]
-    instructions = {ins.id: ins for ins in b.train + b.eval}
+    instructions = {ins.id: ins for ins in tb.train + b.eval}
     return Curriculum(
         name=name,
         domain=domain.name,
         instructions=instructions,
-        train_ids=[i.id for i in b.train],
+        train_ids=[i.id for i in tb.train],
         eval_ids=[i.id for i in b.eval],
         stages=stages,
-        eval_sets=_eval_sets(b, instructions),
+        eval_sets=_eval_sets(b, instructions, train=tb is b),
         representation=cfg.representation,
+        stage1_domain=cfg.stage1_domain,
     )
 
 
-def _eval_sets(b: _Builder, instructions: dict[str, Instruction]) -> dict[str, list[Row]]:
+def _check_pointers(instructions: list[Instruction]) -> None:
+    """Two domains' instructions in one curriculum must not share a pointer name."""
+    seen: dict[str, str] = {}
+    for ins in instructions:
+        if ins.name in seen:
+            raise ValueError(f"instructions {seen[ins.name]} and {ins.id} share the pointer {ins.name!r}")
+        seen[ins.name] = ins.id
+
+
+def _eval_sets(b: _Builder, instructions: dict[str, Instruction], train: bool) -> dict[str, list[Row]]:
+    """The evaluation sets of ``b``'s instructions (``train``: also of its train instructions)."""
     cfg, d = b.cfg, b.domain
 
     def rows(group, split, name, in_context=False):
@@ -261,7 +297,7 @@ def _eval_sets(b: _Builder, instructions: dict[str, Instruction]) -> dict[str, l
 
     sets = {
         "eval": rows(b.eval, "eval", "eval"),
-        "train": rows(b.train, "train", "train"),
+        **({"train": rows(b.train, "train", "train")} if train else {}),
         "in_context": rows(b.eval, "eval", "in_context", in_context=True),
     }
     if cfg.num_compositions and hasattr(d, "compositions"):

@@ -26,10 +26,9 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, console.VERBOSE_HELP)
 
 def build(config):
     """The curriculum the config describes."""
-    from pbbjax.config import curriculum_config, domain_of
-    from pbbjax.curriculum import build_curriculum
+    from pbbjax.config import build_config_curriculum
 
-    return build_curriculum(domain_of(config), config.curriculum, curriculum_config(config))
+    return build_config_curriculum(config)[1]
 
 
 def dump(curriculum, out: Path, tokenizer=None) -> list[dict]:

@@ -38,8 +38,7 @@ def main(argv):
     import jax
     from flax import nnx
 
-    from pbbjax.config import curriculum_config, domain_of, pipeline_config
-    from pbbjax.curriculum import build_curriculum
+    from pbbjax.config import build_config_curriculum, pipeline_config
     from pbbjax.evaluation import evaluate, results_table
     from pbbjax.plots import write_plots
     from pbbjax.restore import load_for_eval
@@ -51,8 +50,7 @@ def main(argv):
         raise app.UsageError(f"--checkpoint {checkpoint} is not a directory")
     model, tokenizer, label, out = load_for_eval(config, checkpoint, _STAGE.value, _STEP.value)
     out = Path(_OUT.value) if _OUT.value else out
-    domain = domain_of(config)
-    curriculum = build_curriculum(domain, config.curriculum, curriculum_config(config))
+    domain, curriculum = build_config_curriculum(config)
     graphdef, params = nnx.split(model)
     sharding = sft.batch_sharding(model.mesh)
 

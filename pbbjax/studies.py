@@ -232,7 +232,10 @@ def _compositions() -> Study:
     )
 
 
-def _ciphers() -> Study:
+def _ciphers(name: str, stage1: str) -> Study:
+    """PBB vs skewed demonstrations on ciphers. Stage 1 is LeetCode programs (``stage1="leetcode"``), as in
+    the paper: nothing in it is a cipher or a shift; or other ciphers' code and uniform-shift executions
+    (``stage1="ciphers"``, the in-domain option), which already teach shift-robust execution."""
     demos = {"data.demos": 8, "data.skewed_demos": True}
     runs = (
         Run("pbb", "proactive"),
@@ -255,18 +258,21 @@ def _ciphers() -> Study:
         "eval.batch_size": 25,
         "eval.max_new_tokens": 16,
     }
+    tiny = {**_TINY, "data.demos": 2, "data.eval_inputs": 4, "eval.sets": ("eval",)}
+    over = {"domain": "ciphers"}
+    if stage1 == "leetcode":  # leetcode rows (a program's source and docstring) run to about 700 tokens
+        over["data.stage1_domain"] = "leetcode"
+        cpu |= {"pipeline.seq_len": 1024, "pipeline.batch_size": 1}
+        tiny |= {"pipeline.seq_len": 1024}
+    where = "LeetCode programs, as in the paper" if stage1 == "leetcode" else "other ciphers, not LeetCode"
     return Study(
-        "ciphers",
+        name,
         "PBB is more robust across shifts than imbalanced demonstrations (which fit only the common shifts); "
-        "the two together are best. (Here stage 1 is on other ciphers, not on leetcode as in the paper.)",
+        f"the two together are best. (Stage 1 here: {where}.)",
         "Fig. 5",
-        tuple(dataclasses.replace(r, overrides={"domain": "ciphers", **r.overrides}) for r in runs),
+        tuple(dataclasses.replace(r, overrides={**over, **r.overrides}) for r in runs),
         tuple(Arm(r.name, r.name, "stage2") for r in runs),
-        {
-            "tiny": {**_TINY, "data.demos": 2, "data.eval_inputs": 4, "eval.sets": ("eval",)},
-            "cpu": cpu,
-            "paper": _PAPER,
-        },
+        {"tiny": tiny, "cpu": cpu, "paper": _PAPER},
         plots=("arms", "by_shift"),
         seeds=1,
     )
@@ -408,7 +414,8 @@ STUDIES: dict[str, Study] = {
             },
             include_retro=False,
         ),
-        _ciphers(),
+        _ciphers("ciphers", stage1="leetcode"),
+        _ciphers("ciphers-in-domain", stage1="ciphers"),
         _grammars(),
         _minimal(),
         _demo(),

@@ -277,3 +277,35 @@ def test_paper_presets_build_with_every_count(name):
     assert len(per) == n_train and {len(v) for v in per.values()} == {execs}
     for n in data.ad_n if name == "ad" else ():
         assert stages[f"ad{n}"].eval_executions() == n
+
+
+def test_stage1_from_another_domain(domains):
+    """data.stage1_domain (the paper's ciphers: LeetCode in stage 1): the train instructions and their
+    executions come from that domain, the eval instructions from the config's; nothing of the train
+    instructions is held out (no train evaluation set), and every eval guarantee holds."""
+    cfg = CurriculumConfig(**SMALL, stage1_domain="arithmetic", demos=2)
+    cur = build_curriculum(domains["ciphers"], "proactive", cfg, domains["arithmetic"])
+    assert {i.split("/")[0] for i in cur.train_ids} == {"arithmetic"}
+    assert {i.split("/")[0] for i in cur.eval_ids} == {"ciphers"}
+    assert (cur.domain, cur.stage1_domain) == ("ciphers", "arithmetic")
+    assert sorted(cur.eval_sets) == ["eval", "in_context"]
+    stage1, stage2 = cur.stages
+    assert {r.instruction_id for r in stage1.rows} == set(cur.train_ids)
+    assert {r.instruction_id for r in stage2.rows} == set(cur.eval_ids)
+    executions = [r for r in stage1.rows if r.kind == "execution"]
+    assert len(executions) == len(cur.train_ids) * SMALL["exec_per_instruction"]
+    assert (
+        "Answer: " in executions[0].completion
+        and "def " in stage1.rows[0].completion + stage1.rows[1].completion
+    )
+    held_out = {(r.instruction_id, r.input) for r in cur.eval_sets["eval"]}
+    demos = {(r.instruction_id, r.input) for r in stage2.rows if r.kind == "execution"}
+    assert len(demos) == 2 * len(cur.eval_ids) and not demos & held_out
+    same = build_curriculum(domains["ciphers"], "proactive", cfg, domains["arithmetic"])
+    assert same.stages == cur.stages and same.eval_sets == cur.eval_sets, "deterministic"
+    for name in ("mixture", "ad"):
+        build_curriculum(domains["ciphers"], name, cfg, domains["arithmetic"])
+    with pytest.raises(ValueError, match="not 'retroactive'"):
+        build_curriculum(domains["ciphers"], "retroactive", cfg, domains["arithmetic"])
+    with pytest.raises(ValueError, match="needs its domain"):
+        build_curriculum(domains["ciphers"], "proactive", cfg)

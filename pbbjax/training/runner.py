@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pbbjax.config import as_tuple, curriculum_config, domain_of, lora_config, param_dtype, pipeline_config
-from pbbjax.curriculum import build_curriculum, derive_seed
+from pbbjax.config import as_tuple, build_config_curriculum, lora_config, param_dtype, pipeline_config
+from pbbjax.curriculum import derive_seed
 from pbbjax.distributed import same_on_every_host
 from pbbjax.evaluation import EvalConfig, evaluate, results_table
 from pbbjax.formatting import chat_prompt
@@ -113,12 +113,17 @@ class Runner:
 
         write_source_model(self.workdir, self.model.cfg, self.tokenizer)
         self._push("source_model")
-        self.domain = domain_of(config)
-        self.curriculum = build_curriculum(self.domain, config.curriculum, curriculum_config(config))
+        self.domain, self.curriculum = build_config_curriculum(config)
         self.pipeline = pipeline_config(config)
         self.optim = optim_config(config)
         sft.check_batch(self.pipeline.batch_size, self.optim, self.mesh)
         self.eval_cfg = eval_config(config)
+        if missing := [name for name in self.eval_cfg.sets if name not in self.curriculum.eval_sets]:
+            why = " (with data.stage1_domain, no 'train' set)" if config.data.stage1_domain else ""
+            raise ValueError(  # before any training, not at the first evaluation
+                f"eval.sets names {missing}; this curriculum's evaluation sets are "
+                f"{sorted(self.curriculum.eval_sets)}{why}"
+            )
         self.rl = rl_config(config)
         self.rl_stages = set(as_tuple(config.rl.stages))
         unknown = self.rl_stages - {s.name for s in self.curriculum.stages}
