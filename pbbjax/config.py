@@ -95,7 +95,7 @@ def base_config(curriculum: str, **data_overrides) -> ml_collections.ConfigDict:
         path="", config_file="", dtype="float32", compute_dtype="", scan_layers=False, remat="none", tiny={}
     )
     # LoRA (rank > 0): adapters on the `targets` projections in `dtype`, the base frozen in `base_dtype`
-    # ("" = dtype); dropout must be 0 (not implemented)
+    # ("" = dtype); dropout: on the adapters' input in SFT steps (none in evaluation, sampling or GRPO)
     c.model.lora = dict(rank=0, alpha=16.0, targets=LORA_TARGETS, dropout=0.0, base_dtype="")
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.train = {

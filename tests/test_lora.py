@@ -151,6 +151,36 @@ def test_lora_memorises_a_batch_and_leaves_the_base_bit_identical(tmp_path, base
         assert x.dtype == jnp.dtype(base_dtype) and np.array_equal(x, np.asarray(after[p].get_value())), p
 
 
+def test_adapter_dropout_in_train_steps_only_and_from_the_step(hf_dirs):
+    """lora.dropout: a train step's loss depends on its dropout key, which is a function of the seed and the
+    step (so a resumed run repeats it); without a key (evaluation, sampling) the forward is dropout-free;
+    dropout 0 gives no key at all. Microbatches draw their own keys."""
+    from pbbjax.models.lora import dropout_key
+
+    path = hf_dirs["llama_gqa"][1]
+    model, _ = load_model(path, tokenizer=False, lora=LoRAConfig(rank=4, dropout=0.5, seed=3))
+    graphdef, params = nnx.split(model)
+    trainable, frozen = trainable_split(params)
+    trainable = jax.tree.map(lambda x: jnp.full_like(x, 0.05), trainable)  # B off 0: adapters count
+    params = nnx.merge_state(trainable, frozen)
+    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+    loss = sft.make_loss_fn(graphdef, "token")
+    ratio = lambda key: float(loss(params, batch, key)[0] / loss(params, batch, key)[1])
+    keys = [dropout_key(model.cfg, jnp.int32(s)) for s in (0, 0, 1)]
+    assert ratio(keys[0]) == ratio(keys[1]) != ratio(keys[2])  # the step's key decides what is dropped
+    assert ratio(None) != ratio(keys[0])  # no key: no dropout
+    plain, _ = load_model(path, tokenizer=False, lora=LoRAConfig(rank=4, seed=3))
+    assert (
+        dropout_key(plain.cfg, jnp.int32(0)) is None
+        and dropout_key(nnx.merge(graphdef, params).cfg, jnp.int32(7)) is not None
+    )
+    grads = {}
+    for k in (1, 2):
+        grad_fn = sft.make_grad_fn(graphdef, "token", k)
+        grads[k] = grad_fn(params, batch, keys[0])[0]
+    assert float(grads[1]) != float(grads[2]), "each microbatch draws its own dropout"
+
+
 def test_grpo_trains_only_the_adapters(hf_dirs):
     model, _ = load_model(hf_dirs["llama_gqa"][1], tokenizer=False, lora=LoRAConfig(rank=2))
     cfg = GRPOConfig(num_generations=4, prompts_per_step=2, max_new_tokens=4, learning_rate=1e-2)
@@ -188,8 +218,8 @@ def test_bad_lora_config_names_the_field():
         LoRAConfig(rank=4, alpha=-1.0)
     with pytest.raises(ValueError, match=r"model.lora.rank must be >= 1"):
         LoRAConfig(rank=-2)
-    with pytest.raises(ValueError, match=r"model.lora.dropout=0.1: .* not implemented"):
-        LoRAConfig(rank=4, dropout=0.1)
+    with pytest.raises(ValueError, match=r"model.lora.dropout must be in \[0, 1\), got 1.0"):
+        LoRAConfig(rank=4, dropout=1.0)
     tiny = load_config("configs/proactive.py:tiny")
     tiny.model.lora.update(rank=48, targets=("q_proj", "k_proj"))
     cfg = ModelConfig.from_hf({**tiny.model.tiny.to_dict(), "vocab_size": 100})  # k_proj: 64 in, 32 out

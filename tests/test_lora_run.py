@@ -22,6 +22,7 @@ LORA = (
     "--config.model.lora.rank=4",
     "--config.model.lora.alpha=8",
     "--config.model.lora.targets=q_proj,v_proj,o_proj,down_proj",
+    "--config.model.lora.dropout=0.1",  # the resume test then checks that dropout resumes exactly too
 )  # fmt: skip
 ADAPTER = "adapter_model.safetensors"
 

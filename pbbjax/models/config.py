@@ -54,7 +54,7 @@ class LoRAConfig:
     rank: int
     alpha: float = 16.0
     targets: tuple[str, ...] = LORA_TARGETS
-    dropout: float = 0.0
+    dropout: float = 0.0  # on the adapters' input in SFT steps (peft's lora_dropout); none in evaluation
     dtype: str = "float32"  # the adapters' dtype (their master weights); the base's is param_dtype
     seed: int = 0  # draws the initial A matrices
 
@@ -69,10 +69,8 @@ class LoRAConfig:
                 f"model.lora.targets {list(self.targets)}: {unknown or 'none given'} match no weight; "
                 f"the projections are {', '.join(LORA_TARGETS)}"
             )
-        if self.dropout != 0:
-            raise ValueError(
-                f"model.lora.dropout={self.dropout}: dropout on the adapters is not implemented (only 0)"
-            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
         resolve_dtype(self.dtype)
 
     @property

@@ -80,9 +80,11 @@ class Transformer(nnx.Module):
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        """input_ids [B, T] -> logits [B, T, vocab] in float32."""
-        hidden = self.hidden_states(input_ids, attention_mask, positions, segment_ids)
+        """input_ids [B, T] -> logits [B, T, vocab] in float32. ``dropout_key``: the LoRA adapters' dropout
+        (``lora.dropout``, SFT steps only; ``lora.dropout_key``), a key per layer drawn from it."""
+        hidden = self.hidden_states(input_ids, attention_mask, positions, segment_ids, dropout_key)
         return self.logits(hidden)
 
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
@@ -96,7 +98,9 @@ class Transformer(nnx.Module):
         logits = jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, self.mesh, ("batch", "length", "act_vocab"))
 
-    def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None) -> jax.Array:
+    def hidden_states(
+        self, input_ids, attention_mask=None, positions=None, segment_ids=None, dropout_key=None
+    ) -> jax.Array:
         """The last layer's output, before the final norm: [B, T, D] in the compute dtype."""
         shape = input_ids.shape
         if positions is None:
@@ -104,7 +108,8 @@ class Transformer(nnx.Module):
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg.rope, self.cfg.head_dim))
         mask = causal_mask(attention_mask, segment_ids, shape)
         x = self.embed_tokens(input_ids)
-        return self.run_layers(lambda layer, h, _: (layer(h, cos, sin, mask), None), x)[0]
+        keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers)
+        return self.run_layers(lambda layer, h, key: (layer(h, cos, sin, mask, key), None), x, keys)[0]
 
     def decode(self, input_ids, positions, cache: dict, index, key_valid):
         """A forward over ``input_ids`` [B, T] written into a KV cache at ``index`` (prefill when T > 1,

@@ -109,13 +109,14 @@ class Attention(nnx.Module):
             self.k_norm = make_param(rngs, (h,), ("head_dim",), cfg, "ones", stack)
         lora.add_adapters(self, cfg, ("q_proj", "k_proj", "v_proj", "o_proj"))
 
-    def project_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
-        """x [B,T,D] -> q [B,T,N,H], k and v [B,T,K,H], with biases, q/k norm and RoPE applied."""
+    def project_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array, key: jax.Array | None = None):
+        """x [B,T,D] -> q [B,T,N,H], k and v [B,T,K,H], with biases, q/k norm and RoPE applied; ``key``:
+        the adapters' dropout (training only)."""
         dt = x.dtype
 
         def proj(name):
             y = jnp.einsum("btd,dnh->btnh", x, getattr(self, f"{name}_proj")[...].astype(dt))
-            y = lora.apply(self, f"{name}_proj", x, y)
+            y = lora.apply(self, f"{name}_proj", x, y, key)
             if self.cfg.qkv_bias:
                 y = y + getattr(self, f"{name}_bias")[...].astype(dt)
             return y
@@ -126,20 +127,20 @@ class Attention(nnx.Module):
             k = rms_norm(k, self.k_norm[...], self.cfg.rms_norm_eps)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, key=None) -> jax.Array:
         """Attention over keys/values [B,S,K,H] (the sequence itself, or a KV cache) -> [B,T,D]."""
         b, t, n, h = q.shape
         probs = attention_weights(q, k, mask).astype(v.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
         y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(v.dtype))
-        y = lora.apply(self, "o_proj", out, y)
+        y = lora.apply(self, "o_proj", out, y, key)
         if self.cfg.o_bias:
             y = y + self.o_bias[...].astype(v.dtype)
         return y
 
-    def __call__(self, x, cos, sin, mask):
-        q, k, v = self.project_qkv(x, cos, sin)
-        return self.attend(q, k, v, mask)
+    def __call__(self, x, cos, sin, mask, key=None):
+        q, k, v = self.project_qkv(x, cos, sin, key)
+        return self.attend(q, k, v, mask, key)
 
     def decode(self, x, cos, sin, mask, k_cache, v_cache, index):
         """Write this step's keys/values at slot ``index`` of the cache, then attend over the cache."""
@@ -162,11 +163,11 @@ class MLP(nnx.Module):
             self.down_bias = make_param(rngs, (d,), ("embed",), cfg, "zeros", stack)
         lora.add_adapters(self, cfg, ("gate_proj", "up_proj", "down_proj"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         dt = x.dtype
 
         def dense(name, x):
-            y = lora.apply(self, f"{name}_proj", x, x @ getattr(self, f"{name}_proj")[...].astype(dt))
+            y = lora.apply(self, f"{name}_proj", x, x @ getattr(self, f"{name}_proj")[...].astype(dt), key)
             return y + getattr(self, f"{name}_bias")[...].astype(dt) if self.cfg.mlp_bias else y
 
         return dense("down", jax.nn.silu(dense("gate", x)) * dense("up", x))
@@ -182,10 +183,11 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = make_param(rngs, (cfg.hidden_size,), ("norm",), cfg, "ones", stack)
         self.mlp = MLP(cfg, rngs=rngs, stack=stack)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, key=None):
+        """``key``: this layer's adapter-dropout key (training with ``lora.dropout`` only)."""
         eps = self.cfg.rms_norm_eps
-        x = x + self.attn(rms_norm(x, self.input_norm[...], eps), cos, sin, mask)
-        return x + self.mlp(rms_norm(x, self.post_attn_norm[...], eps))
+        x = x + self.attn(rms_norm(x, self.input_norm[...], eps), cos, sin, mask, key)
+        return x + self.mlp(rms_norm(x, self.post_attn_norm[...], eps), key)
 
     def decode(self, x, cos, sin, mask, k_cache, v_cache, index):
         """The layer with a KV cache: returns (x, (k_cache, v_cache))."""

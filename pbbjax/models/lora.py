@@ -81,16 +81,31 @@ def add_adapters(module: nnx.Module, cfg: ModelConfig, names: tuple[str, ...]) -
             setattr(module, f"{name}_lora_{which}", LoRAParam(value, axes=a))
 
 
-def apply(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
-    """``y`` (= ``x`` through projection ``name``) plus the adapter's ``scale (x A) B``, if it has one."""
+def apply(module: nnx.Module, name: str, x: jax.Array, y: jax.Array, key=None) -> jax.Array:
+    """``y`` (= ``x`` through projection ``name``) plus the adapter's ``scale (x A) B``, if it has one. With a
+    ``key`` (training) and ``lora.dropout`` p > 0, the adapter sees ``x`` with each element zeroed with
+    probability p and the rest scaled by 1 / (1 - p), as peft's ``lora_dropout``; the base path never."""
     a = getattr(module, f"{name}_lora_a", None)
     if a is None:
         return y
     b = getattr(module, f"{name}_lora_b")
     dt = x.dtype
+    p = module.cfg.lora.dropout
+    if key is not None and p > 0:
+        keep = jax.random.bernoulli(jax.random.fold_in(key, zlib.crc32(name.encode())), 1.0 - p, x.shape)
+        x = jnp.where(keep, x / (1.0 - p), 0).astype(dt)
     h = jnp.tensordot(x, a[...].astype(dt), axes=INPUT_AXES[name])
     delta = jnp.tensordot(h, b[...].astype(dt), axes=1)
     return y + (delta * module.cfg.lora.scale).astype(y.dtype)
+
+
+def dropout_key(cfg: ModelConfig, step: jax.Array) -> jax.Array | None:
+    """The adapters' dropout key of train step ``step``: a function of the seed and the step, so a resumed
+    run drops what the uninterrupted one did; None without adapter dropout."""
+    if cfg.lora is None or cfg.lora.dropout == 0:
+        return None
+    root = jax.random.fold_in(jax.random.key(cfg.lora.seed), zlib.crc32(b"dropout"))
+    return jax.random.fold_in(root, step)
 
 
 def trainable_split(params: nnx.State) -> tuple[nnx.State, nnx.State]:

@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pbbjax.models.lora import trainable_split
+from pbbjax.models.lora import dropout_key, trainable_split
 from pbbjax.models.sharding import logical_to_spec
 
 
@@ -165,44 +165,53 @@ def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh:
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, mode: str):
-    def loss_fn(params, batch):
+    """(params, batch[, dropout_key]) -> (loss sum, count); the key (training) drives adapter dropout."""
+
+    def loss_fn(params, batch, dropout_key=None):
         model = nnx.merge(graphdef, params)
-        logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+        logits = model(
+            batch["tokens"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            dropout_key=dropout_key,
+        )
         return masked_loss_sums(logits, batch["tokens"], batch["loss_mask"], batch["segment_ids"], mode)
 
     return loss_fn
 
 
 def trainable_value_and_grad(loss_fn, has_aux: bool = False):
-    """``jax.value_and_grad`` of ``loss_fn(params, batch)`` with respect to the trainable parameters only
-    (``trainable_split``): (value, gradient of the trainable part)."""
+    """``jax.value_and_grad`` of ``loss_fn(params, batch, *rest)`` with respect to the trainable parameters
+    only (``trainable_split``): (value, gradient of the trainable part)."""
 
-    def fn(params, batch):
+    def fn(params, batch, *rest):
         trainable, frozen = trainable_split(params)
-        loss = lambda t, b: loss_fn(nnx.merge_state(t, frozen), b)
+        loss = lambda t, b: loss_fn(nnx.merge_state(t, frozen), b, *rest)
         return jax.value_and_grad(loss, has_aux=has_aux)(trainable, batch)
 
     return fn
 
 
 def make_grad_fn(graphdef, loss_mode: str, microbatches: int):
-    """(params, batch) -> (mean loss, completion-token count, mean gradient of the trainable parameters),
-    summed over microbatches."""
+    """(params, batch[, dropout_key]) -> (mean loss, completion-token count, mean gradient of the trainable
+    parameters), summed over microbatches (each with its own dropout key, folded from the step's)."""
     value_and_grad = trainable_value_and_grad(make_loss_fn(graphdef, loss_mode), has_aux=True)
     k = microbatches
 
-    def grad_fn(params, batch):
+    def grad_fn(params, batch, key=None):
         if k == 1:
-            (num, den), g = value_and_grad(params, batch)
+            (num, den), g = value_and_grad(params, batch, key)
         else:
 
-            def one(carry, micro):
-                (num, den), g = value_and_grad(params, micro)
+            def one(carry, xs):
+                i, micro = xs
+                micro_key = None if key is None else jax.random.fold_in(key, i)
+                (num, den), g = value_and_grad(params, micro, micro_key)
                 return jax.tree.map(jnp.add, carry, (num, den, g)), None
 
             micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
             zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, trainable_split(params)[0]))
-            (num, den, g), _ = jax.lax.scan(one, zero, micro)
+            (num, den, g), _ = jax.lax.scan(one, zero, (jnp.arange(k), micro))
         den = jnp.maximum(den, 1e-9)
         return num / den, den, jax.tree.map(lambda x: x / den, g)
 
@@ -229,7 +238,8 @@ def make_train_step(graphdef, optimizer, cfg: OptimConfig, total_steps: int, sha
     schedule = learning_rate_schedule(cfg, total_steps)
 
     def step(state, batch):
-        loss, _, grads = grad_fn(state["params"], batch)
+        key = dropout_key(nnx.merge(graphdef, state["params"]).cfg, state["step"])  # None without dropout
+        loss, _, grads = grad_fn(state["params"], batch, key)
         new, grad_norm, finite = apply_gradients(state, grads, loss, optimizer)
         metrics = {
             "loss": loss,
