@@ -24,6 +24,7 @@ training only where that is the arm's definition (``demos`` > 0, ``ad``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import random
@@ -212,10 +213,14 @@ def build_curriculum(
         tb.execute(plans)
         b.execute(eval_plans)
 
-    def proactive_stage1():
+    @functools.cache
+    def stage1_rows() -> tuple[Row, ...]:  # built once: stage 1, and what replay draws from
         rows = tb.declarative(tb.train, "train", "stage1")
         rows += tb.execution(tb.train, "train", "stage1", cfg.exec_per_instruction)
-        return b.shuffled(rows, "stage1")
+        return tuple(b.shuffled(rows, "stage1"))
+
+    def proactive_stage1() -> list[Row]:
+        return list(stage1_rows())
 
     def proactive_stage2_rows():
         rows = b.declarative(b.eval, "eval", "stage2") if cfg.stage2_declarative else []
