@@ -32,10 +32,10 @@ def main():
     from flax import nnx
 
     import pbbjax
-    from pbbjax.curriculum import CurriculumConfig, build_curriculum
+    from pbbjax.data.curriculum import CurriculumConfig, build_curriculum
+    from pbbjax.data.pipeline import PipelineConfig, make_dataset, tokenize_rows
+    from pbbjax.data.tasks.base import get_domain
     from pbbjax.models.hf_io import load_tokenizer
-    from pbbjax.pipeline import PipelineConfig, make_dataset, tokenize_rows
-    from pbbjax.tasks.base import get_domain
 
     path = pbbjax.default_model_path()
     tokenizer = load_tokenizer(path)

@@ -6,7 +6,7 @@
 Greedy decoding of ``--new-tokens`` tokens for each of ``--batches`` chat prompts (SmolLM2's chat template
 over questions of different lengths, cycled to the batch size), fp32, on this machine's CPU:
 
-- pbbjax: ``pbbjax.sampling.generate_tokens`` (what ``pbbjax.generate`` runs between tokenizing and
+- pbbjax: ``pbbjax.inference.sampler.generate_tokens`` (what ``pbbjax.generate`` runs between tokenizing and
   decoding), from the prompts' token ids.
 - transformers: ``AutoModelForCausalLM.generate(do_sample=False)`` on left-padded tensors with an
   attention mask (its default attention, SDPA); ``--torch-threads`` sets ``torch.set_num_threads`` (on a
@@ -62,7 +62,7 @@ def _pbbjax_side(model_dir: str, new_tokens: int):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, REPO)
     import pbbjax
-    from pbbjax.sampling import generate_tokens
+    from pbbjax.inference.sampler import generate_tokens
 
     model, tokenizer = pbbjax.load_model(model_dir)
 

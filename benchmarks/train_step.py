@@ -290,7 +290,7 @@ def parent_main(args):
     from importlib.metadata import version
 
     import pbbjax
-    from pbbjax.models.config import ModelConfig
+    from pbbjax.models.architecture import ModelConfig
     from pbbjax.training.metrics import mfu, train_flops_per_token
 
     model_dir = str(args.model or pbbjax.default_model_path())

@@ -5,7 +5,7 @@ gives the "exchange rate": the N at which AD(N) matches PBB from a single instru
     python -m pbbjax.train --config configs/ad.py[:preset] [--config.data.ad_n=1,10,100]
 """
 
-from pbbjax.config import base_config, select_preset
+from pbbjax.config.schema import base_config, select_preset
 
 
 def get_config(preset: str | None = None):

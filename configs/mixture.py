@@ -3,7 +3,7 @@
 python -m pbbjax.train --config configs/mixture.py[:preset]
 """
 
-from pbbjax.config import base_config, select_preset
+from pbbjax.config.schema import base_config, select_preset
 
 
 def get_config(preset: str | None = None):

@@ -9,7 +9,7 @@ Presets: those of every config (``cpu``, ``tiny``, a paper-scale model, each opt
 ``rl-<model>`` (a paper-scale model with GRPO, e.g. ``rl-qwen3-4b,v5p-8``).
 """
 
-from pbbjax.config import base_config, select_preset
+from pbbjax.config.schema import base_config, select_preset
 
 
 def _grpo(c, scale: str) -> None:

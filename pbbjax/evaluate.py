@@ -13,10 +13,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 from absl import app, flags
+from flax import nnx
 from ml_collections import config_flags
 
-from pbbjax import console
+from pbbjax.config.schema import build_config_curriculum, eval_config, pipeline_config
+from pbbjax.core import console
+from pbbjax.core.distributed import initialize
+from pbbjax.eval.harness import evaluate, results_table
+from pbbjax.eval.plots import write_plots
+from pbbjax.training import sft
+from pbbjax.training.restore import load_for_eval
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally :preset")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "an HF model directory or a run's Orbax checkpoint")
@@ -32,18 +40,7 @@ def main(argv):
     config = _CONFIG.value
     if config is None or not _CHECKPOINT.value:
         raise app.UsageError("--config and --checkpoint are required")
-    from pbbjax.distributed import initialize
-
     initialize(config.distributed, config.cluster.to_dict())
-    import jax
-    from flax import nnx
-
-    from pbbjax.config import build_config_curriculum, pipeline_config
-    from pbbjax.evaluation import evaluate, results_table
-    from pbbjax.plots import write_plots
-    from pbbjax.restore import load_for_eval
-    from pbbjax.training import sft
-    from pbbjax.training.runner import eval_config
 
     checkpoint = Path(_CHECKPOINT.value)
     if not checkpoint.is_dir():

@@ -4,8 +4,8 @@ simulate a multi-host pod on one machine.
 Starts ``--processes`` copies of the command, each a JAX process with ``--devices`` simulated CPU devices,
 joined by ``jax.distributed`` through a coordinator on localhost (gloo collectives). Each copy gets
 ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` in its environment, which
-``pbbjax.distributed.initialize`` reads (config fields ``cluster.*`` may give them instead); on a real pod
-none of this is needed, ``jax.distributed.initialize()`` finds the TPU hosts itself.
+``pbbjax.core.distributed.initialize`` reads (config fields ``cluster.*`` may give them instead); on a real
+pod none of this is needed, ``jax.distributed.initialize()`` finds the TPU hosts itself.
 
 Process 0's output passes through; every other process's lines are prefixed with ``[process i]``. When
 one process fails, the others get ``--grace`` seconds to fail too (a collective they wait in times out on

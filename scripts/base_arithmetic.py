@@ -23,7 +23,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pbbjax.default_model import default_model_path
+    from pbbjax.models.default_model import default_model_path
 
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

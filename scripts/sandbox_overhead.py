@@ -19,17 +19,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from pbbjax.tasks import arithmetic, ciphers, leetcode
-from pbbjax.tasks.base import get_domain
-from pbbjax.tasks.leetcode_corpus import kzleet_problems
-from pbbjax.tasks.sandbox import run_calls
+from pbbjax.data.tasks import arithmetic, ciphers, leetcode
+from pbbjax.data.tasks.base import get_domain
+from pbbjax.data.tasks.leetcode_corpus import kzleet_problems
+from pbbjax.data.tasks.sandbox import run_calls
 
 
 def _baseline(rev: str):
-    """``run_calls`` of ``pbbjax/tasks/sandbox.py`` at ``rev``."""
+    """``run_calls`` of ``pbbjax/data/tasks/sandbox.py`` at ``rev``."""
     root = Path(__file__).resolve().parents[1]
     text = subprocess.run(
-        ["git", "-C", str(root), "show", f"{rev}:pbbjax/tasks/sandbox.py"],
+        ["git", "-C", str(root), "show", f"{rev}:pbbjax/data/tasks/sandbox.py"],
         check=True,
         capture_output=True,
         text=True,

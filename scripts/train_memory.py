@@ -2,11 +2,11 @@
 
 Compile-only (no weights are read: the model's ``config.json`` is enough): each variant's train step
 (``pbbjax.training.sft.make_train_step``, AdamW, fp32) is lowered for a ``--batch x --seq`` batch and
-compiled, and XLA's memory analysis is printed next to ``pbbjax.memory``'s estimate by arithmetic:
+compiled, and XLA's memory analysis is printed next to ``pbbjax.config.memory``'s estimate by arithmetic:
 
     python scripts/train_memory.py [--model DIR] [--batch 4] [--seq 1024] [--json OUT]
 
-``--model`` defaults to the embedded SmolLM2-135M. Rows are GiB, as ``pbbjax.aot`` reports them: "XLA
+``--model`` defaults to the embedded SmolLM2-135M. Rows are GiB, as ``pbbjax.training.aot`` reports them: "XLA
 temp" is the step's scratch memory, "XLA total" adds the arguments, outputs (the donated train state
 counted once) and generated code. On XLA:CPU, remat without a layer scan saves almost nothing
 (docs/results.md, leetcode, has the figures for SmolLM2-135M). The estimate assumes the scanned schedule,
@@ -28,12 +28,12 @@ VARIANTS = (  # (remat, scan_layers, one row per microbatch)
 
 
 def measure(model_dir, batch: int, seq: int, remat: str, scan: bool, microbatches: int) -> dict:
-    """One variant through ``pbbjax.aot``'s own path (abstract train state, SFT step, memory analysis), on
-    this process's first device."""
+    """One variant through ``pbbjax.training.aot``'s own path (abstract train state, SFT step, memory
+    analysis), on this process's first device."""
     import jax
 
-    from pbbjax import aot
-    from pbbjax.config import base_config
+    from pbbjax.config.schema import base_config
+    from pbbjax.training import aot
 
     config = base_config("proactive")
     config.model.update(path=str(model_dir), dtype="float32", scan_layers=scan, remat=remat)
@@ -57,7 +57,7 @@ def main() -> None:
 
     import jax
 
-    from pbbjax.default_model import default_model_path
+    from pbbjax.models.default_model import default_model_path
 
     model_dir = args.model or default_model_path()
     print(f"train step, {args.batch} x {args.seq} tokens, fp32, {jax.default_backend()} backend: {model_dir}")

@@ -137,7 +137,7 @@ def smollm2_reference():
     import torch
     import transformers
 
-    from pbbjax.default_model import default_gguf_path
+    from pbbjax.models.default_model import default_gguf_path
 
     gguf = default_gguf_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(

@@ -13,8 +13,10 @@ import jax
 import pytest
 from conftest import load_config
 
-from pbbjax import aot, memory, presets, storage
+from pbbjax.config import memory, presets
+from pbbjax.core import storage
 from pbbjax.models.sharding import make_mesh
+from pbbjax.training import aot
 
 ROOT = Path(__file__).parent.parent
 CURRICULA = ["proactive", "retroactive", "mixture", "ad"]
@@ -63,7 +65,7 @@ def test_model_files_ship_in_the_wheel(pbbjax_wheel):
 
     names = set(zipfile.ZipFile(pbbjax_wheel).namelist())
     for model in presets.MODELS:
-        assert f"pbbjax/model_configs/{model}.json" in names, model
+        assert f"pbbjax/config/paper_models/{model}.json" in names, model
 
 
 @pytest.mark.parametrize("curriculum", CURRICULA)

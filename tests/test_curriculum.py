@@ -8,9 +8,9 @@ import sys
 import pytest
 from conftest import load_config
 
-from pbbjax.config import curriculum_config, domain_of
-from pbbjax.curriculum import CURRICULA, CurriculumConfig, build_curriculum
-from pbbjax.tasks.base import get_domain
+from pbbjax.config.schema import curriculum_config, domain_of
+from pbbjax.data.curriculum import CURRICULA, CurriculumConfig, build_curriculum
+from pbbjax.data.tasks.base import get_domain
 
 SMALL = dict(
     num_train_instructions=5,
@@ -242,8 +242,8 @@ PAPER_PRESET = "qwen3-14b"  # every model preset has the same data (asserted bel
 def test_paper_presets_build_with_every_count(name):
     """The paper presets' curricula have exactly the rows their config asks for: no instruction runs short
     of inputs (one-input arithmetic programs need 20 held out + 100 for AD(100))."""
-    from pbbjax.presets import MODELS
-    from pbbjax.studies import STUDIES
+    from pbbjax.config.presets import MODELS
+    from pbbjax.studies.catalog import STUDIES
 
     c = load_config(f"configs/{name}.py:{PAPER_PRESET}")
     for model in MODELS:

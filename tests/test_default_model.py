@@ -14,7 +14,7 @@ import transformers
 from safetensors.numpy import load_file
 
 import pbbjax.models.gguf_import as gguf_import
-from pbbjax.default_model import (
+from pbbjax.models.default_model import (
     DefaultModelNotInstalledError,
     _dir_name,
     default_gguf_path,

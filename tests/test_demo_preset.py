@@ -4,9 +4,9 @@ training."""
 
 from collections import Counter
 
-from pbbjax.config import base_config, curriculum_config, domain_of, select_preset
-from pbbjax.curriculum import build_curriculum
-from pbbjax.study import load_config
+from pbbjax.config.schema import base_config, curriculum_config, domain_of, select_preset
+from pbbjax.data.curriculum import build_curriculum
+from pbbjax.studies.runner import load_config
 
 
 def test_the_main_job_defaults_to_the_demo_preset():

@@ -8,7 +8,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from pbbjax import load_model
-from pbbjax.models.config import ModelConfig, UnsupportedModelError
+from pbbjax.models.architecture import ModelConfig, UnsupportedModelError
 from pbbjax.models.hf_weights import CheckpointError
 
 

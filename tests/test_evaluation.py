@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import pbbjax.plots
-from pbbjax.curriculum import CurriculumConfig, build_curriculum
-from pbbjax.evaluation import (
+import pbbjax.eval.plots
+from pbbjax.data.curriculum import CurriculumConfig, build_curriculum
+from pbbjax.data.formatting import IN_CONTEXT_PREFIX
+from pbbjax.data.tasks.base import get_domain
+from pbbjax.eval.harness import (
     ANSWER_HINT,
     EvalConfig,
     bootstrap_ci,
@@ -20,9 +22,7 @@ from pbbjax.evaluation import (
     score_texts,
     summarize,
 )
-from pbbjax.formatting import IN_CONTEXT_PREFIX
-from pbbjax.plots import ad_curve, exchange_rate, write_plots
-from pbbjax.tasks.base import get_domain
+from pbbjax.eval.plots import ad_curve, exchange_rate, write_plots
 
 
 class PlainTokenizer:
@@ -205,8 +205,8 @@ def test_every_accuracy_plot_and_table_shows_the_guessing_floor(tmp_path, monkey
         drawn[path.name] = sorted({round(float(y), 6) for line in floors for y in line.get_ydata()})
         return real_save(fig, path)
 
-    real_save = pbbjax.plots._save
-    monkeypatch.setattr(pbbjax.plots, "_save", save)
+    real_save = pbbjax.eval.plots._save
+    monkeypatch.setattr(pbbjax.eval.plots, "_save", save)
     by_length = {"by_length": {"1": {"n": 10, "accuracy": 0.5, "ci_low": 0.4, "ci_high": 0.6}}}
     records = [
         _record("stage1", 10, 0.2, floor=0.25, **by_length),

@@ -19,11 +19,17 @@ from etils import epath
 from flax import nnx
 from safetensors.numpy import load_file
 
-import pbbjax.export
+import pbbjax.training.export
 from pbbjax import load_model
-from pbbjax.export import CheckpointArrays, ExportError, checksum_part, export_checkpoint, find_checkpoints
 from pbbjax.models.sharding import make_mesh
 from pbbjax.training.checkpoint import Checkpointer, _checksum
+from pbbjax.training.export import (
+    CheckpointArrays,
+    ExportError,
+    checksum_part,
+    export_checkpoint,
+    find_checkpoints,
+)
 
 ROOT = Path(__file__).parent.parent
 # Three steps a stage, a checkpoint every two: steps 2, 3 (end of stage1), 5, 6 (end of stage2); 3 kept.
@@ -153,7 +159,7 @@ def test_holds_one_tensor_at_a_time_and_reads_each_parameter_once(run, tmp_path,
         track(x)
         return x
 
-    save = pbbjax.export.save_tensors_streaming
+    save = pbbjax.training.export.save_tensors_streaming
 
     def tracked_save(specs, tensors, out_dir, max_shard_bytes):
         def tracked():
@@ -165,7 +171,7 @@ def test_holds_one_tensor_at_a_time_and_reads_each_parameter_once(run, tmp_path,
         return save(specs, tracked(), out_dir, max_shard_bytes)
 
     monkeypatch.setattr(CheckpointArrays, "read", tracked_read)
-    monkeypatch.setattr(pbbjax.export, "save_tensors_streaming", tracked_save)
+    monkeypatch.setattr(pbbjax.training.export, "save_tensors_streaming", tracked_save)
     out = export_checkpoint(run, tmp_path / "hf", block_bytes=1)  # one layer per read
     tensors = _tensors(out)
     assert len(tensors) == 20 and max(events) <= 2, "at most one block read and one converted tensor alive"
@@ -177,7 +183,7 @@ def test_holds_one_tensor_at_a_time_and_reads_each_parameter_once(run, tmp_path,
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_checksum_parts_add_up_to_the_checkpointers_checksum(dtype, monkeypatch):
-    monkeypatch.setattr(pbbjax.export, "_CHECKSUM_PIECE", 7)  # several pieces per part
+    monkeypatch.setattr(pbbjax.training.export, "_CHECKSUM_PIECE", 7)  # several pieces per part
     x = np.asarray(jnp.asarray(np.random.RandomState(0).randn(3, 5, 4), dtype=dtype))
     parts = sum(checksum_part(x[i : i + 1], i * 20) for i in range(3)) % 2**32
     assert parts == checksum_part(x, 0) == int(_checksum(jnp.asarray(x)))

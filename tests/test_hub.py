@@ -13,15 +13,15 @@ import pytest
 from conftest import train_cli
 
 import pbbjax.export
-from pbbjax import hub
-from pbbjax.export import export_checkpoint
+from pbbjax.models import hub
+from pbbjax.training.export import export_checkpoint
 
 ROOT = Path(__file__).parent.parent
 RUN = ["--config", "configs/proactive.py:tiny", "--config.train.steps=2", "--config.train.checkpoint_every=2"]
 
 
 class FakeHfApi:
-    """The four calls ``pbbjax.hub`` makes, recorded; repositories are {name: private}."""
+    """The four calls ``pbbjax.models.hub`` makes, recorded; repositories are {name: private}."""
 
     def __init__(self, repos=None):
         self.repos, self.calls, self.uploaded = dict(repos or {}), [], None

@@ -14,14 +14,14 @@ from conftest import build_hf_model, hf_logits, load_config
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from pbbjax import aot, memory
-from pbbjax.config import lora_config
-from pbbjax.models.config import LORA_TARGETS, LoRAConfig, ModelConfig
+from pbbjax.config import memory
+from pbbjax.config.schema import lora_config
+from pbbjax.models.architecture import LORA_TARGETS, LoRAConfig, ModelConfig
 from pbbjax.models.hf_io import load_model, save_model
 from pbbjax.models.lora import LoRAParam, trainable_split
 from pbbjax.models.lora_io import save_adapter
 from pbbjax.models.sharding import logical_to_spec, make_mesh
-from pbbjax.training import sft
+from pbbjax.training import aot, sft
 from pbbjax.training.grpo import GRPOConfig
 from pbbjax.training.rollout import GRPOStepper, grpo_optimizer
 

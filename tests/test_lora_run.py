@@ -10,7 +10,7 @@ import pytest
 from conftest import hf_logits, load_config, train_cli
 from safetensors.numpy import load_file
 
-from pbbjax.export import export_checkpoint
+from pbbjax.training.export import export_checkpoint
 
 ROOT = Path(__file__).parent.parent
 LORA = (
@@ -102,7 +102,7 @@ def test_export_cli_merges_or_writes_the_adapters_for_peft(run, tmp_path):
 def test_evaluate_restores_the_adapters_the_checkpoint_names(run):
     import transformers
 
-    from pbbjax.restore import load_for_eval
+    from pbbjax.training.restore import load_for_eval
 
     config = load_config("configs/proactive.py:tiny")  # no model.lora given: the checkpoint's fingerprint
     model, _, label, _ = load_for_eval(config, run, stage="stage2")

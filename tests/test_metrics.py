@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY
 from flax import nnx
 
-from pbbjax.models.config import ModelConfig
+from pbbjax.models.architecture import ModelConfig
 from pbbjax.models.decoder import Transformer
 from pbbjax.training import metrics as M
 

@@ -81,8 +81,9 @@ def _config(preset: str, workdir: str = "runs/x"):
 @pytest.mark.parametrize("preset", ["lora", "colab"])
 def test_one_chip_presets_set_only_existing_fields(preset):
     """The TPU branches (not run in CI): their configs have exactly the base config's fields, none misspelt.
-    What they compile to on one v5e chip is in the notebook's table (pbbjax.aot, topology v5e:1x1)."""
-    from pbbjax.config import base_config, lora_config
+    What they compile to on one v5e chip is in the notebook's table (pbbjax.training.aot, topology
+    v5e:1x1)."""
+    from pbbjax.config.schema import base_config, lora_config
 
     config = _config(preset)
     assert _fields(config) == _fields(base_config("proactive"))
@@ -152,7 +153,10 @@ def test_install_finds_an_uploaded_wheel_and_pip_installs_it(tmp_path, pbbjax_wh
     target = tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target)]
     subprocess.run([*pip, requirement(str(wheel))], check=True, capture_output=True, timeout=300)
-    probe = "import pbbjax, pbbjax.presets as p; print(pbbjax.__file__, p.model_file('qwen3-1.7b').is_file())"
+    probe = (
+        "import pbbjax, pbbjax.config.presets as p; "
+        "print(pbbjax.__file__, p.model_file('qwen3-1.7b').is_file())"
+    )
     out = subprocess.run(
         [sys.executable, "-c", probe],
         env={**os.environ, "PYTHONPATH": str(target)},

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from pbbjax.formatting import Row, chat_prompt, end_of_turn_id, tokenize_row
-from pbbjax.pipeline import ExampleTooLongError, PipelineConfig, make_dataset, tokenize_rows
+from pbbjax.data.formatting import Row, chat_prompt, end_of_turn_id, tokenize_row
+from pbbjax.data.pipeline import ExampleTooLongError, PipelineConfig, make_dataset, tokenize_rows
 
 
 def _examples(n=40, seed=0):

@@ -6,13 +6,13 @@ import pytest
 from scipy import stats
 
 from pbbjax import generate, load_model
-from pbbjax.sampling import (
-    _bucket,
+from pbbjax.inference.sampler import (
     generate_arrays,
     generate_tokens,
     process_logits,
+    prompt_bucket,
 )
-from pbbjax.stops import cut_at_stop, stop_token_sequences
+from pbbjax.inference.stops import cut_at_stop, stop_token_sequences
 
 PROMPT = [5, 17, 33, 2, 9, 101, 64]
 NO_EOS = dict(eos_ids=(-1,), pad_id=0)  # no token ends a row, so the first token is always kept
@@ -226,7 +226,7 @@ def test_stop_string_that_never_appears(tiny):
 
 
 def test_buckets():
-    assert [_bucket(n) for n in (1, 16, 17, 24, 25, 33, 48, 49, 64, 65, 100)] == [
+    assert [prompt_bucket(n) for n in (1, 16, 17, 24, 25, 33, 48, 49, 64, 65, 100)] == [
         16, 16, 24, 24, 32, 48, 48, 64, 64, 96, 128,
     ]  # fmt: skip
 

@@ -8,8 +8,9 @@ import torch
 from conftest import TINY
 from flax import nnx
 
-from pbbjax import generate, load_model, make_mesh, sampling
-from pbbjax.sampling import generate_arrays, generate_tokens
+from pbbjax import generate, load_model, make_mesh
+from pbbjax.inference import sampler as sampling
+from pbbjax.inference.sampler import generate_arrays, generate_tokens
 
 # Left padding of different lengths in one batch (token 2, the llama configs' EOS, is avoided).
 PROMPTS = [[5, 17, 33, 4, 9, 101, 64, 12, 90, 3, 44], [7, 7, 3], [120, 1, 55, 60, 61], [8], [30, 31, 32, 33]]
@@ -81,14 +82,14 @@ def test_sharded_sampler_equals_single_device(hf_dirs, shape, monkeypatch):
     mesh = make_mesh(*shape)
     model, _ = load_model(path, mesh=mesh)
     seen = []
-    original = sampling._generate
+    original = sampling.sample_program
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
         seen.append((getattr(args[2], "sharding", None), out[0].sharding))  # prompt tokens in, tokens out
         return out
 
-    monkeypatch.setattr(sampling, "_generate", spy)
+    monkeypatch.setattr(sampling, "sample_program", spy)
     for options in (dict(), dict(temperature=1.0, top_k=20, n=2, seed=3), dict(unstack_layers=False)):
         kwargs = dict(eos_ids=(2,), pad_id=0, **options)
         want = generate_arrays(single, PROMPTS, 12, **{**kwargs, "unstack_layers": None})
@@ -118,12 +119,12 @@ def test_params_in_place_and_no_recompile(hf_dirs):
     before = [(np.asarray(x).copy(), _shard_pointers(x), x.sharding) for x in leaves]
     kwargs = dict(eos_ids=(), pad_id=0)
     own = generate_arrays(model, PROMPTS, 8, **kwargs)
-    compiled = sampling._generate._cache_size()
+    compiled = sampling.sample_program._cache_size()
     from_state = generate_arrays(graphdef, PROMPTS, 8, params=params, **kwargs)
     np.testing.assert_array_equal(from_state.tokens, own.tokens)
     other = [[p[0] + 1] + p[1:] for p in PROMPTS]  # new prompts, same lengths
     generate_arrays(model, other, 8, params=params, **kwargs)
-    assert sampling._generate._cache_size() == compiled
+    assert sampling.sample_program._cache_size() == compiled
     for x, (value, pointers, sharding) in zip(leaves, before, strict=True):
         assert not x.is_deleted()
         assert _shard_pointers(x) == pointers and x.sharding == sharding

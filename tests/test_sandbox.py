@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pbbjax.tasks import sandbox
-from pbbjax.tasks.sandbox import SandboxSetupError, run_calls
+from pbbjax.data.tasks import sandbox
+from pbbjax.data.tasks.sandbox import SandboxSetupError, run_calls
 
 SOURCE = """
 import os
@@ -264,7 +264,7 @@ def test_a_refused_mechanism_stops_every_run_until_weak_mode_is_chosen():
     if shutil.which("unshare") is None:
         pytest.skip("needs util-linux's unshare to take user namespaces away")
     check = (
-        "from pbbjax.tasks import sandbox\n"
+        "from pbbjax.data.tasks import sandbox\n"
         "for _ in range(2):\n"
         "    try:\n"
         "        sandbox.run_calls('def f():\\n    return 1\\n', 'f', [[]])\n"
@@ -301,7 +301,7 @@ def test_the_sandbox_mode_is_a_config_field(tmp_path):
     )
     assert done.returncode != 0 and "config field 'sandbox' is 'none'" in done.stderr
     try:
-        from pbbjax.config import base_config, domain_of
+        from pbbjax.config.schema import base_config, domain_of
 
         config = base_config("proactive")
         config.sandbox = "weak"
@@ -313,10 +313,10 @@ def test_the_sandbox_mode_is_a_config_field(tmp_path):
 
 # Every way to run code in the package, where it may be used, and why that is not code from data.
 ALLOWED = {
-    ("pbbjax/tasks/sandbox.py", "subprocess"): "starts the sandbox's child",
-    ("pbbjax/tasks/sandbox_child.py", "exec"): "runs the program, inside the sandbox",
-    ("pbbjax/tasks/sandbox_child.py", "compile"): "compiles the program, inside the sandbox",
-    ("pbbjax/tasks/sandbox_child.py", "ctypes"): "the kernel calls that build the sandbox",
+    ("pbbjax/data/tasks/sandbox.py", "subprocess"): "starts the sandbox's child",
+    ("pbbjax/data/tasks/sandbox_child.py", "exec"): "runs the program, inside the sandbox",
+    ("pbbjax/data/tasks/sandbox_child.py", "compile"): "compiles the program, inside the sandbox",
+    ("pbbjax/data/tasks/sandbox_child.py", "ctypes"): "the kernel calls that build the sandbox",
     ("pbbjax/study.py", "exec_module"): "loads configs/*.py, code the user names on the command line",
     ("pbbjax/export.py", "ctypes"): "calls libc's mallopt, a fixed function with fixed arguments",
     ("pbbjax/local_pod.py", "subprocess"): "starts the user's own command as the hosts of a simulated pod",

@@ -124,10 +124,10 @@ def test_non_finite_step_leaves_the_state_unchanged(hf_dirs):
 @pytest.mark.slow
 def test_smollm2_loss_decreases_over_20_steps(smollm2_dir):
     """The real 135M model on real PBB rows (arithmetic, stage 1 of proactive): 20 steps lower the loss."""
-    from pbbjax.curriculum import CurriculumConfig, build_curriculum
+    from pbbjax.data.curriculum import CurriculumConfig, build_curriculum
+    from pbbjax.data.pipeline import PipelineConfig, make_dataset, tokenize_rows
+    from pbbjax.data.tasks.base import get_domain
     from pbbjax.models.hf_io import load_tokenizer
-    from pbbjax.pipeline import PipelineConfig, make_dataset, tokenize_rows
-    from pbbjax.tasks.base import get_domain
 
     rows = (
         build_curriculum(

@@ -6,7 +6,7 @@ import torch
 from conftest import hf_logits
 
 from pbbjax import generate, load_model
-from pbbjax.sampling import generate_tokens, generation_ids
+from pbbjax.inference.sampler import generate_tokens, generation_ids
 
 QUESTIONS = [
     "What is the capital of France?",

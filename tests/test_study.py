@@ -10,8 +10,9 @@ import pytest
 from scipy import stats
 
 from pbbjax import study as study_mod
-from pbbjax.studies import STUDIES, Arm
-from pbbjax.study_report import (
+from pbbjax.studies import runner as study_runner
+from pbbjax.studies.catalog import STUDIES, Arm
+from pbbjax.studies.report import (
     aggregate,
     differences,
     exchange_rate_estimate,
@@ -254,14 +255,14 @@ def test_committed_results_match_todays_configs(name, preset):
     """Each committed ``results/<study>/<preset>`` record was written by the config the study builds today
     (its digest), so ``--report-only`` and resuming still accept them; a preset change must move them."""
     out = ROOT / "results" / name / preset
-    runner = study_mod.StudyRunner(STUDIES[name], preset, 1, out, ROOT / "runs")
+    runner = study_runner.StudyRunner(STUDIES[name], preset, 1, out, ROOT / "runs")
     for run in STUDIES[name].runs:
         for path in sorted((out / "runs" / run.name).glob("seed*.json")):
             seed = int(path.stem.removeprefix("seed"))
             saved = json.loads(path.read_text())["config_digest"]
-            assert saved == study_mod.digest(runner.config(run, seed)), path
+            assert saved == study_runner.digest(runner.config(run, seed)), path
 
 
 def test_a_study_without_the_asked_size_names_the_presets_it_has(tmp_path):
     with pytest.raises(ValueError, match="study 'demo' has no 'cpu' size; presets: demo, tiny"):
-        study_mod.StudyRunner(STUDIES["demo"], "cpu", 1, tmp_path / "out", tmp_path / "runs")
+        study_runner.StudyRunner(STUDIES["demo"], "cpu", 1, tmp_path / "out", tmp_path / "runs")

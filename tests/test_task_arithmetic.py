@@ -19,9 +19,9 @@ import sys
 
 import pytest
 
-from pbbjax.tasks.arithmetic import ArithmeticDomain
-from pbbjax.tasks.arithmetic_programs import ProgramSpec
-from pbbjax.tasks.base import Instruction, extract_answer, get_domain
+from pbbjax.data.tasks.arithmetic import ArithmeticDomain
+from pbbjax.data.tasks.arithmetic_programs import ProgramSpec
+from pbbjax.data.tasks.base import Instruction, extract_answer, get_domain
 
 SETTINGS = [  # (options, seed, number of programs): 300 programs in all
     ({}, 0, 120),
@@ -268,7 +268,7 @@ def test_same_seed_same_programs_other_seed_different():
 def test_same_seed_same_programs_in_another_process():
     """Nothing depends on Python's per-process hash salt."""
     script = (
-        "import json; from pbbjax.tasks.arithmetic import ArithmeticDomain; d = ArithmeticDomain()\n"
+        "import json; from pbbjax.data.tasks.arithmetic import ArithmeticDomain; d = ArithmeticDomain()\n"
         "print(json.dumps([[i.text, i.text_nl, d.sample_inputs(i, 5, 1)] for i in d.instructions(30, 5)]))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "JAX_PLATFORMS": "cpu"}

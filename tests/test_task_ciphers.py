@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from pbbjax.tasks.base import Example, Instruction, get_domain
-from pbbjax.tasks.ciphers import (
+from pbbjax.data.tasks.base import Example, Instruction, get_domain
+from pbbjax.data.tasks.ciphers import (
     CIPHERS,
     DEFAULT_DEMONSTRATION_SHIFTS,
     FAMILIES,

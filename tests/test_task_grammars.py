@@ -8,9 +8,9 @@ import re
 import lark
 import pytest
 
-from pbbjax.tasks.base import Example, extract_answer, get_domain
-from pbbjax.tasks.cfg import GrammarError, diversity, parse_grammar_text, validate
-from pbbjax.tasks.grammars import GrammarDomain
+from pbbjax.data.tasks.base import Example, extract_answer, get_domain
+from pbbjax.data.tasks.context_free import GrammarError, diversity, parse_grammar_text, validate
+from pbbjax.data.tasks.grammars import GrammarDomain
 
 SEEDS = (0, 1, 2)
 N_GRAMMARS = 30

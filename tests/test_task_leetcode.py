@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from pbbjax.tasks import leetcode
-from pbbjax.tasks.base import Example, get_domain
-from pbbjax.tasks.leetcode import LeetcodeDomain
-from pbbjax.tasks.leetcode_corpus import CorpusError, title_from_slug
+from pbbjax.data.tasks import leetcode
+from pbbjax.data.tasks.base import Example, get_domain
+from pbbjax.data.tasks.leetcode import LeetcodeDomain
+from pbbjax.data.tasks.leetcode_corpus import CorpusError, title_from_slug
 
 # Runs each solution with plain exec in a fresh interpreter: its own ListNode, no harness, no sandbox.
 _REFERENCE = r"""
@@ -139,7 +139,7 @@ def test_inputs_are_the_same_in_another_process(tmp_path):
         tmp_path / "c.jsonl", [_row("Pairs", "def f(a: List[List[int]], s: str):\n    return s\n", "f")]
     )
     script = (
-        "import json, sys; from pbbjax.tasks.leetcode import LeetcodeDomain\n"
+        "import json, sys; from pbbjax.data.tasks.leetcode import LeetcodeDomain\n"
         "d = LeetcodeDomain(corpus=sys.argv[1], profiles=['values'], screen_samples=2, disk_cache=False)\n"
         "print(json.dumps(d.sample_inputs(d.instructions(1, seed=0)[0], 12, seed=7)))\n"
     )

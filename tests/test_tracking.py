@@ -13,9 +13,9 @@ import pytest
 from conftest import load_config
 from test_metrics import read_tfrecords
 
-from pbbjax import train
 from pbbjax.training import metrics as M
 from pbbjax.training.profiling import StepProfiler, profile_window
+from pbbjax.training.run import train
 from pbbjax.training.tracking import RUN_ID_FILE, WandbConfig, wandb_config
 
 FAKES = Path(__file__).parent / "fakes"
@@ -123,7 +123,7 @@ def test_bad_values_fail_before_any_work(fields, error, tmp_path):
     config = _config(**fields)
     config.workdir = str(tmp_path / "run")
     with pytest.raises(ValueError, match=error.replace("(", r"\(").replace("?", r"\?")):
-        train.run(config)
+        train(config)
     assert not (tmp_path / "run").exists()
 
 
@@ -132,7 +132,7 @@ def test_wandb_asked_for_but_not_installed(monkeypatch, tmp_path):
     config = _config(log__wandb="pbb")
     config.workdir = str(tmp_path / "run")
     with pytest.raises(ModuleNotFoundError, match=r"'log.wandb' .* pip install 'pbbjax\[wandb\]'"):
-        train.run(config)
+        train(config)
     assert not (tmp_path / "run").exists()
 
 

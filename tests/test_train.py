@@ -115,7 +115,7 @@ def test_profile_and_wandb_change_nothing_in_the_run(uninterrupted, tmp_path):
 
 
 def test_profile_starting_beyond_the_run_is_an_error_before_training(tmp_path):
-    from pbbjax.train import tiny_model_dir
+    from pbbjax.models.tiny import tiny_model_dir
 
     config = load_config("configs/proactive.py:tiny")
     config.workdir, config.profile.steps = str(tmp_path), "999,2"
@@ -142,7 +142,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(uninterrupted, t
 
 
 def _runner(workdir, **train):
-    from pbbjax.train import tiny_model_dir
+    from pbbjax.models.tiny import tiny_model_dir
 
     config = load_config("configs/proactive.py:tiny")
     config.workdir = str(workdir)
@@ -157,7 +157,7 @@ def test_checkpoint_of_a_different_model_in_the_workdir(uninterrupted, tmp_path)
     config = load_config("configs/proactive.py:tiny")
     config.workdir = str(workdir)
     config.model.tiny.hidden_size = 32
-    from pbbjax.train import tiny_model_dir
+    from pbbjax.models.tiny import tiny_model_dir
 
     runner = Runner(config, tiny_model_dir(config.model.tiny.to_dict(), workdir, 0))
     expected = r"was written for hidden_size=64, this run has hidden_size=32"
@@ -214,7 +214,7 @@ def test_evaluate_cli_on_an_export_and_on_an_orbax_checkpoint(uninterrupted, tmp
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_remat_without_layer_scan_on_cpu_warns(scan, tmp_path, caplog):
-    from pbbjax.train import tiny_model_dir
+    from pbbjax.models.tiny import tiny_model_dir
 
     config = load_config("configs/proactive.py:tiny")
     config.workdir = str(tmp_path)

@@ -1,5 +1,5 @@
 """scripts/train_memory.py: compiled train-step memory by remat, layer scan and microbatches, against
-XLA's own memory analysis (the independent reference) and ``pbbjax.memory``'s estimate."""
+XLA's own memory analysis (the independent reference) and ``pbbjax.config.memory``'s estimate."""
 
 import importlib.util
 from pathlib import Path

@@ -1,6 +1,7 @@
 """The train state's layout on a mesh: every optimizer moment has its parameter's sharding after init, after a
 step and after a restore; the bytes per device are those of (params + moments) / devices; compile-only
-(``pbbjax.aot``) builds exactly that state; weight decay applies to matrices only, by their logical axes."""
+(``pbbjax.training.aot``) builds exactly that state; weight decay applies to matrices only, by their logical
+axes."""
 
 import jax
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from flax import nnx
 
 from pbbjax import load_model, make_mesh
-from pbbjax.config import base_config, select_preset
+from pbbjax.config.schema import base_config, select_preset
 from pbbjax.training import sft
 from pbbjax.training.checkpoint import Checkpointer
 
@@ -78,11 +79,12 @@ def test_moments_take_their_parameters_shardings_and_bytes_split_over_devices(hf
 
 
 def test_compile_only_builds_the_state_a_run_builds():
-    """pbbjax.aot's abstract state for the tiny preset on this machine's 8 devices, against the state the
+    """pbbjax.training.aot's abstract state for the tiny preset on this machine's 8 devices, against the
+    state the
     runner's own calls (load_model on the mesh, sft.init_state) build: the same leaves, shapes, dtypes and
     shardings."""
-    from pbbjax import aot
-    from pbbjax.train import tiny_model_dir
+    from pbbjax.models.tiny import tiny_model_dir
+    from pbbjax.training import aot
 
     config = select_preset(base_config("proactive"), "tiny")
     config.mesh.update(dict(data=1, fsdp=4, tensor=2))

@@ -1,10 +1,10 @@
-"""The verdict after the results table (``pbbjax.verdict``): which stages it compares, what it concludes
+"""The verdict after the results table (``pbbjax.eval.verdict``): which stages it compares, what it concludes
 from the intervals and the guessing floor, and the sample programs it shows."""
 
-from pbbjax.curriculum import Curriculum, Stage
-from pbbjax.formatting import Row
-from pbbjax.tasks.base import Instruction
-from pbbjax.verdict import describe_stage, explain
+from pbbjax.data.curriculum import Curriculum, Stage
+from pbbjax.data.formatting import Row
+from pbbjax.data.tasks.base import Instruction
+from pbbjax.eval.verdict import describe_stage, explain
 
 
 def _row(kind, split, ins="a/f"):

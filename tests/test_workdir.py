@@ -19,8 +19,10 @@ from conftest import load_config
 from fsspec.implementations.memory import MemoryFileSystem
 from safetensors.numpy import load_file
 
-from pbbjax import export, storage
+from pbbjax.core import storage
+from pbbjax.training import export
 from pbbjax.training import runner as runner_module
+from pbbjax.training.run import train
 
 
 class FakeGCS(MemoryFileSystem):
@@ -83,8 +85,6 @@ def test_credential_check_writes_its_probe_through_fsspec(gcs):
 
 
 def test_run_on_a_gs_workdir_uploads_its_files_and_resumes_on_a_fresh_machine(gcs, monkeypatch, tmp_path):
-    import pbbjax.train
-
     checkpoint_urls = []
 
     def local_checkpoints(self, *parts):  # tensorstore's GCS driver cannot be faked: see the docstring
@@ -95,7 +95,7 @@ def test_run_on_a_gs_workdir_uploads_its_files_and_resumes_on_a_fresh_machine(gc
     config = load_config("configs/proactive.py:tiny")
     config.workdir = "gs://bucket/run"
     config.train.checkpoint_every = 2
-    records = pbbjax.train.run(config)
+    records = train(config)
     assert "gs://bucket/run/checkpoints" in checkpoint_urls
 
     files = _bucket_files(gcs)
@@ -116,7 +116,7 @@ def test_run_on_a_gs_workdir_uploads_its_files_and_resumes_on_a_fresh_machine(gc
         raise AssertionError("the restarted run evaluated again: results.json was not downloaded")
 
     monkeypatch.setattr(runner_module, "evaluate", no_evaluation)
-    assert pbbjax.train.run(config) == records
+    assert train(config) == records
     mirror = storage.Workdir("gs://bucket/run").local
     assert mirror.is_relative_to(tmp_path / "fresh-vm") and (mirror / "results.json").exists()
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from pbbjax.models.config import ModelConfig, resolve_dtype
+from pbbjax.models.architecture import ModelConfig, resolve_dtype
 from pbbjax.models.layers import DecoderLayer, make_param, rms_norm, rope_cos_sin, rope_inv_freq
 from pbbjax.models.sharding import constrain
 

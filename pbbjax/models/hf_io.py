@@ -19,7 +19,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
-from pbbjax.models.config import LoRAConfig, ModelConfig, resolve_dtype
+from pbbjax.models.architecture import LoRAConfig, ModelConfig, resolve_dtype
 from pbbjax.models.decoder import Transformer
 from pbbjax.models.hf_weights import SafetensorsDir, check_tensors, iter_hf_tensors, load_params, save_tensors
 from pbbjax.models.lora import initial_adapters
@@ -66,7 +66,8 @@ def param_shardings(abstract_model: nnx.Module, mesh: Mesh | None) -> dict[str, 
 
 def abstract_model(cfg: ModelConfig, mesh: Mesh | None) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, parameters as ``jax.ShapeDtypeStruct``s carrying their shardings on ``mesh``): the model
-    without weights. What ``load_model`` fills, checkpoints restore into and ``pbbjax.aot`` compiles."""
+    without weights. What ``load_model`` fills, checkpoints restore into and ``pbbjax.training.aot``
+    compiles."""
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh))
     shardings = param_shardings(abstract, mesh)
     graphdef, state = nnx.split(abstract)

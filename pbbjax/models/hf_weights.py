@@ -23,7 +23,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from pbbjax.models.config import ModelConfig
+from pbbjax.models.architecture import ModelConfig
 from pbbjax.models.lora import adapter_names, hf_delta
 from pbbjax.models.sharding import to_host
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pbbjax.models import lora
-from pbbjax.models.config import ModelConfig, RopeConfig, resolve_dtype
+from pbbjax.models.architecture import ModelConfig, RopeConfig, resolve_dtype
 
 _INIT_STD = 0.02
 

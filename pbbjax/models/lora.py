@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pbbjax.models.config import ModelConfig, resolve_dtype
+from pbbjax.models.architecture import ModelConfig, resolve_dtype
 
 # How many leading (non-layer) axes of each projection's kernel are its inputs (layers.py's layouts).
 INPUT_AXES = {

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from pbbjax.models.config import ModelConfig
+from pbbjax.models.architecture import ModelConfig
 from pbbjax.models.hf_io import _replace_dir
 from pbbjax.models.hf_weights import param_table
 from pbbjax.models.lora import LoRAParam, adapter_names, peft_layout

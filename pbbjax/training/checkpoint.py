@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from pbbjax.distributed import all_hosts
+from pbbjax.core.distributed import all_hosts
+from pbbjax.core.storage import orbax_path
 from pbbjax.models.sharding import to_host
-from pbbjax.storage import orbax_path
 
 log = logging.getLogger(__name__)
 

@@ -24,47 +24,14 @@ Loss aggregation (``loss_agg``), as token weights that sum to 1 over the batch:
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from pbbjax.config.sections import GRPOConfig
 from pbbjax.training.sft import apply_gradients, batch_sharding, trainable_value_and_grad
-
-
-@dataclasses.dataclass(frozen=True)
-class GRPOConfig:
-    num_generations: int = 8  # G: completions per prompt
-    prompts_per_step: int = 8  # prompts per iteration (a batch of prompts_per_step * G rollouts)
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    max_prompt_len: int = 256  # rollout prompts longer than this (in tokens) are an error; bounds memory
-    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
-    epsilon_high: float = 0.2  # upper clip: ratio <= 1 + epsilon_high (DAPO's "clip higher" uses 0.28)
-    beta: float = 0.0  # KL coefficient against the frozen reference (the stage's start); 0 = no reference
-    num_iterations: int = 1  # μ: optimizer steps per batch of rollouts
-    loss_agg: str = "token"  # "token" | "sequence" | "fixed"
-    scale_rewards: bool = True  # divide advantages by the group's reward standard deviation
-    format_reward: float = 0.0  # added to the reward when the completion has the answer marker
-    learning_rate: float = 1e-5  # replaces train.learning_rate in GRPO stages
-    steps: int = 50  # iterations per GRPO stage (train.steps, when set, wins)
-
-    def __post_init__(self):
-        if self.loss_agg not in ("token", "sequence", "fixed"):
-            raise ValueError(f"rl.loss_agg {self.loss_agg!r} is not 'token', 'sequence' or 'fixed'")
-        if self.num_generations < 2:
-            raise ValueError(
-                f"rl.num_generations must be >= 2 for group advantages, got {self.num_generations}"
-            )
-        if self.temperature <= 0:
-            raise ValueError(f"rl.temperature must be > 0 (rollouts are sampled), got {self.temperature}")
-        if self.num_iterations < 1 or self.prompts_per_step < 1 or self.max_new_tokens < 1:
-            raise ValueError("rl.num_iterations, rl.prompts_per_step and rl.max_new_tokens must be >= 1")
 
 
 # -- pure functions -------------------------------------------------------------------------------------

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from numbers import Number
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
-from pbbjax.models.config import ModelConfig
+from pbbjax.core.tables import json_value
+from pbbjax.models.architecture import ModelConfig
 from pbbjax.training.tracking import WandbConfig, start_wandb
 
 # Dense bf16 peak FLOP/s of one chip, from the vendors' spec sheets. The H100/H200 figure is the SXM
@@ -93,11 +92,6 @@ def _to_float(value: Any) -> float:
     if isinstance(x, np.generic) and x.dtype.kind not in "biu" and x.dtype.itemsize < 8:
         return float(str(x))
     return float(x)
-
-
-def json_value(value: float) -> float | str:
-    # JSON has no NaN/inf: they are written as the strings "nan", "inf", "-inf" (float() reads them back).
-    return value if math.isfinite(value) else str(value)
 
 
 _warned_no_tensorboard = False
@@ -285,28 +279,3 @@ class Progress:
 
 def _fmt(key: str, value: float) -> str:
     return f"{value:.1e}" if key == "lr" else f"{value:,.0f}" if key == "tok/s" else f"{value:.4g}"
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float | np.floating) and math.isfinite(value):
-        return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e6 else f"{value:.3e}"
-    return str(value)
-
-
-def format_table(rows: list[dict], columns: list[str]) -> str:
-    """A fixed-width text table: a header, a rule, one line per row; numbers right-aligned.
-
-    Floats get 4 decimals (scientific notation outside [1e-3, 1e6)); None is "-"; a missing key is blank.
-    """
-    cells = [[_cell(row[c]) if c in row else "" for c in columns] for row in rows]
-    numeric = [bool(rows) and all(isinstance(r.get(c), Number | None) for r in rows) for c in columns]
-    widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
-
-    def join(values: list[str]) -> str:
-        out = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
-        return "  ".join(out).rstrip()
-
-    lines = [join(list(columns)), "  ".join("-" * w for w in widths)]
-    return "\n".join(lines + [join(line) for line in cells])

@@ -15,7 +15,7 @@ import threading
 
 import jax
 
-from pbbjax.distributed import all_hosts
+from pbbjax.core.distributed import all_hosts
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pbbjax.curriculum import derive_seed
-from pbbjax.formatting import Row
+from pbbjax.core.seeds import derive_seed
+from pbbjax.data.formatting import Row
+from pbbjax.data.tasks.base import ANSWER_MARKER, Domain, Instruction, extract_answer
+from pbbjax.eval.harness import row_example
+from pbbjax.inference.sampler import generate_arrays
 from pbbjax.models.sharding import to_host
-from pbbjax.sampling import generate_arrays
-from pbbjax.tasks.base import ANSWER_MARKER, Domain, Instruction, extract_answer
 from pbbjax.training import sft
 from pbbjax.training.grpo import GRPOConfig, group_advantages, make_grpo_step, make_logprob_fn, rollout_batch
 
@@ -54,7 +55,6 @@ def text_reward_fn(
 ):
     """reward_fn for execution rows: the domain's score of each decoded completion, + ``fmt`` if it has the
     answer marker. Returns (rewards, {"correct": mean score, "formatted": fraction with the marker})."""
-    from pbbjax.evaluation import row_example
 
     def reward_fn(tasks: list[int], completions: list[list[int]]):
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)

@@ -27,47 +27,42 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pbbjax.config import as_tuple, build_config_curriculum, lora_config, param_dtype, pipeline_config
-from pbbjax.curriculum import derive_seed
-from pbbjax.distributed import same_on_every_host
-from pbbjax.evaluation import EvalConfig, evaluate, results_table
-from pbbjax.formatting import chat_prompt
+from pbbjax.config.schema import (
+    as_tuple,
+    build_config_curriculum,
+    eval_config,
+    lora_config,
+    optim_config,
+    param_dtype,
+    pipeline_config,
+    rl_config,
+)
+from pbbjax.core.distributed import same_on_every_host
+from pbbjax.core.seeds import derive_seed
+from pbbjax.core.storage import Workdir
+from pbbjax.data.formatting import chat_prompt
+from pbbjax.data.pipeline import make_dataset, tokenize_rows
+from pbbjax.eval.harness import evaluate, results_table
+from pbbjax.eval.plots import write_plots
+from pbbjax.eval.verdict import describe_stage, explain, never_executed
+from pbbjax.inference.sampler import generation_ids
 from pbbjax.models.hf_io import load_model, save_model
 from pbbjax.models.lora_io import save_adapter
 from pbbjax.models.sharding import make_mesh
-from pbbjax.pipeline import make_dataset, tokenize_rows
-from pbbjax.sampling import generation_ids
-from pbbjax.storage import Workdir
 from pbbjax.training import sft
 from pbbjax.training.checkpoint import Checkpointer, abstract_like, shape_digest
-from pbbjax.training.grpo import GRPOConfig
+from pbbjax.training.export import write_source_model
 from pbbjax.training.metrics import MetricsLogger, Progress, mfu, train_flops_per_token
 from pbbjax.training.preemption import Preempted, PreemptionWatch
 from pbbjax.training.profiling import StepProfiler, profile_window
 from pbbjax.training.rollout import GRPOStepper, grpo_optimizer, text_reward_fn
 from pbbjax.training.tracking import RUN_ID_FILE, wandb_config
-from pbbjax.verdict import describe_stage, explain, never_executed
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
     """A step produced a NaN or infinite loss or gradient."""
-
-
-def optim_config(config) -> sft.OptimConfig:
-    fields = {f.name for f in dataclasses.fields(sft.OptimConfig)}
-    return sft.OptimConfig(**{k: v for k, v in config.train.to_dict().items() if k in fields})
-
-
-def eval_config(config) -> EvalConfig:
-    d = {k: v for k, v in config.eval.to_dict().items() if k != "at_start"}
-    d |= {k: as_tuple(d[k]) for k in ("sets", "modes", "breakdowns")}
-    return EvalConfig(**{**d, "seed": config.seed})
-
-
-def rl_config(config) -> GRPOConfig:
-    return GRPOConfig(**{k: v for k, v in config.rl.to_dict().items() if k != "stages"})
 
 
 class SFTStepper:
@@ -109,8 +104,6 @@ class Runner:
                 config.model.remat,
             )
         self.graphdef, _ = nnx.split(self.model)
-        from pbbjax.export import write_source_model  # what `python -m pbbjax.export` needs of the model
-
         write_source_model(self.workdir, self.model.cfg, self.tokenizer)
         self._push("source_model")
         self.domain, self.curriculum = build_config_curriculum(config)
@@ -427,8 +420,6 @@ class Runner:
         print(results_table([r for r in self.records if r["final"]]))
         if text := explain(self.records, self.curriculum):
             print(text)
-        from pbbjax.plots import write_plots
-
         title = f"{c.curriculum}, {c.domain}"
         if never_executed(self.curriculum) and self.curriculum.stages:
             title += "\neval programs: only their code in training"

@@ -19,39 +19,15 @@ stay in ``state["params"]``, so evaluation, checkpoints and export see the whole
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pbbjax.config.sections import OptimConfig
 from pbbjax.models.lora import dropout_key, trainable_split
 from pbbjax.models.sharding import logical_to_spec
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    learning_rate: float = 1e-4
-    warmup_steps: int = 10
-    schedule: str = "cosine"  # "cosine" | "linear" | "constant" (after warmup)
-    end_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
-    weight_decay: float = 0.0  # decoupled (AdamW), on matrices only
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    microbatches: int = 1  # gradient accumulation: the batch is split into this many sequential parts
-    loss_mode: str = "token"  # "token" | "sequence"
-
-    def __post_init__(self):
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"train.schedule {self.schedule!r} is not 'cosine', 'linear' or 'constant'")
-        if self.loss_mode not in ("token", "sequence"):
-            raise ValueError(f"train.loss_mode {self.loss_mode!r} is not 'token' or 'sequence'")
-        if self.microbatches < 1:
-            raise ValueError(f"train.microbatches must be >= 1, got {self.microbatches}")
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -135,7 +111,7 @@ def abstract_state(params, optimizer: optax.GradientTransformation, mesh: Mesh |
     allocating it: each optimizer moment takes its parameter's sharding, other leaves (step counts) are
     replicated. ``params``: the model's ``nnx.State`` (arrays, or ShapeDtypeStructs with shardings); the
     optimizer state covers its trainable part. The one layout of the state: ``init_state`` builds it, the
-    runner restores into it, ``pbbjax.aot`` compiles it."""
+    runner restores into it, ``pbbjax.training.aot`` compiles it."""
     p = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
     trainable = trainable_split(p)[0]
     other = NamedSharding(mesh, PartitionSpec()) if mesh is not None else jax.tree.leaves(p)[0].sharding

@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from pbbjax import load_model, make_mesh
-from pbbjax.distributed import initialize
+from pbbjax.core.distributed import initialize
 from pbbjax.models.sharding import to_host
 from pbbjax.training import sft
 from pbbjax.training.grpo import GRPOConfig

@@ -1,0 +1,476 @@
+"""Text generation with a static KV cache: ``generate`` (strings), ``generate_tokens`` (token lists) and
+``generate_arrays`` (numpy arrays, for RL rollouts).
+
+One call, one jitted program:
+
+- Prompts are left-padded to a bucketed length (16, 24, 32, 48, 64, 96, 128, ...: powers of two and 1.5x
+  powers of two), so a new batch of a similar length reuses the compiled program. With a mesh
+  (``model.mesh``), rows are sharded over the mesh axes of the logical ``batch`` axis (``data`` + ``fsdp``):
+  the row count is padded up to a multiple of their size with dummy rows, dropped afterwards.
+- Prefill writes the prompts into a static KV cache (per layer: keys ``[rows, kv_heads, head_dim, slots]``,
+  values ``[rows, kv_heads, slots, head_dim]``, laid out by the same rules: rows over ``data`` + ``fsdp``,
+  KV heads over ``tensor``) and takes LM-head logits at the last position only. A ``lax.while_loop`` then
+  decodes one token per step, writing its keys and values into the cache in place, and stops as soon as
+  every row has ended (EOS or a stop sequence) or ``max_new_tokens`` tokens are out. Nothing in the loop
+  syncs with the host. The layer math is ``layers.DecoderLayer``'s (its projections, norms and MLP are
+  called as they are); only the attention over the cache is the sampler's own (``_layer_step``).
+- Greedy at ``temperature=0``; otherwise each step samples from ``process_logits`` (temperature, then
+  top-k, then top-p). Each row draws from its own key (the seed's key folded with the row's index, then
+  with the step), so a row's sample does not depend on the batch around it, on padding or on sharding.
+  ``n`` samples per prompt repeat each prompt's row ``n`` times (prompt-major order).
+- Log-probs of the chosen tokens: under the processed distribution actually sampled from, or, when greedy,
+  under the temperature-1 softmax of the raw logits.
+
+Cache limit: a prompt of ``k`` tokens needs ``k + max_new_tokens`` positions, which must not exceed
+``max_cache_len`` (default: the model's ``max_position_embeddings``); otherwise ValueError naming the
+prompt, its length and the limit. The cache holds ``bucket + max_new_tokens`` slots, with the bucket capped
+so that this never exceeds the limit.
+
+Parameters: by default the model's own; ``params=`` takes a state of the same structure as the trainer
+holds it (``nnx.split(model)[1]``, any shardings, e.g. the params being trained). They are used in place:
+never copied to another device, never donated, still valid after the call. On a CPU backend
+(``unstack_layers=None`` means: on CPU only) each layer's weights are sliced out of the stacked layer
+parameters once per call, before the decode loop: XLA:CPU would otherwise copy every weight slice in every
+decode step. That costs one transient copy of the layer weights inside the program, freed at its end.
+
+Stop sequences: ``generate(..., stop=[...])`` cuts each decoded text at its first stop string (exact),
+and also ends rows inside the loop: a row ends once it emits a token whose text contains a stop string,
+or the stop string's own tokenization (whole, or character by character). For tokenizers whose decoding
+is concatenation (byte-level BPE: SmolLM2, Llama 3, Qwen) this never ends a row whose text lacks the stop
+string; a stop string produced through another tokenization only ends its row later (at EOS or the token
+budget), and the text cut still applies. The lower-level functions take ``stop_sequences`` (token id
+sequences) directly.
+
+``generate_arrays`` returns a ``Generation`` of numpy arrays: ``tokens`` [rows, max_new_tokens] (``pad_id``
+after each row's end), ``logprobs`` (0 there), ``lengths`` (tokens kept: an EOS is dropped, a stop sequence
+kept), ``ended`` (False where a row ran out of tokens), ``eos`` (the EOS id that ended each row, -1 where
+none did) and ``steps`` (decode steps run). On a mesh they come out of the program replicated, so every
+host of a pod reads every row.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from pbbjax.inference.stops import cut_at_stop, stop_token_sequences
+from pbbjax.models.architecture import resolve_dtype
+from pbbjax.models.decoder import ACT
+from pbbjax.models.layers import rms_norm, rope_cos_sin, rope_inv_freq
+from pbbjax.models.sharding import batch_shards, constrain, logical_to_spec
+
+# KV cache layouts: keys [rows, kv_heads, head_dim, slots], values [rows, kv_heads, slots, head_dim].
+K_AXES = ("batch", "kv_heads", "head_dim", "length")
+V_AXES = ("batch", "kv_heads", "length", "head_dim")
+_CONTINUE, _EOS, _STOP = 0, 1, 2
+_WINDOW_EMPTY, _NEVER, _ANY = -3, -2, -1  # stop-sequence window fill, a never-matching entry, a wildcard
+
+
+class Generation(NamedTuple):
+    """What ``generate_arrays`` returns; one row per prompt sample (prompt-major)."""
+
+    tokens: np.ndarray  # int32 [rows, max_new_tokens]; pad_id after each row's length
+    logprobs: np.ndarray  # float32 [rows, max_new_tokens]; 0 after each row's length
+    lengths: np.ndarray  # int32 [rows]: tokens kept (EOS excluded, a stop sequence included)
+    ended: np.ndarray  # bool [rows]: ended by EOS or a stop sequence; False: ran out of max_new_tokens
+    eos: np.ndarray  # int32 [rows]: the EOS id that ended the row (dropped from tokens), -1 if none did
+    steps: int  # decode steps run, <= max_new_tokens; fewer when every row ended early
+
+
+def prompt_bucket(n: int, minimum: int = 16) -> int:
+    """The smallest of 16, 24, 32, 48, 64, 96, ... (2^k and 1.5 * 2^k) that holds ``n``."""
+    p = max(minimum, 1 << (n - 1).bit_length())
+    return p * 3 // 4 if n <= p * 3 // 4 and p * 3 // 4 >= minimum else p
+
+
+def pow2_at_least(n: int, minimum: int) -> int:
+    return max(minimum, 1 << (n - 1).bit_length())
+
+
+def process_logits(logits: jax.Array, temperature, top_k=0, top_p=1.0) -> jax.Array:
+    """Logits [..., V] -> the logits to sample from: ``logits / temperature`` (no scaling when
+    ``temperature <= 0``; the sampler is greedy there), then all but the ``top_k`` largest set to -inf
+    (``top_k = 0``: off), then top-p: all but the smallest set of highest-probability tokens whose
+    cumulative probability (after top-k, renormalised) reaches ``top_p`` set to -inf (``top_p >= 1``: off;
+    the top token is always kept). Tokens tied with the last kept value are kept too. Jittable; every
+    argument may be traced, and a Python ``top_k = 0`` / ``top_p = 1.0`` skips its sort statically."""
+    x = jnp.asarray(logits, jnp.float32)
+    t = jnp.asarray(temperature, jnp.float32)
+    x = x / jnp.where(t > 0, t, 1.0)
+    k_off = isinstance(top_k, (int, np.integer)) and top_k <= 0
+    p_off = isinstance(top_p, (int, float, np.floating)) and top_p >= 1
+    if k_off and p_off:
+        return x
+    v = x.shape[-1]
+    desc = jnp.flip(jnp.sort(x, axis=-1), axis=-1)
+    k = jnp.asarray(top_k, jnp.int32)
+    k = jnp.where(k > 0, jnp.minimum(k, v), v)
+    kth = jnp.take_along_axis(desc, jnp.broadcast_to(k - 1, desc.shape[:-1])[..., None], axis=-1)
+    x = jnp.where(x >= kth, x, -jnp.inf)
+    desc = jnp.where(jnp.arange(v) < k, desc, -jnp.inf)
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each sorted token
+    p = jnp.asarray(top_p, jnp.float32)
+    n_keep = jnp.maximum(jnp.sum(before < p, axis=-1, keepdims=True), 1)
+    cutoff = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
+    return jnp.where((p >= 1) | (x >= cutoff), x, -jnp.inf)
+
+
+def _check_prompts(
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    max_prompt_len: int | None,
+    max_cache_len: int | None,
+    vocab_size: int | None,
+    limit_name: str = "max_cache_len",
+) -> None:
+    if len(prompt_ids) == 0:
+        raise ValueError("generate needs at least one prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    for i, p in enumerate(prompt_ids):
+        n = len(p)
+        if n == 0:
+            raise ValueError(f"prompt {i} is empty")
+        if max_prompt_len is not None and n > max_prompt_len:
+            raise ValueError(f"prompt {i} has {n} tokens, more than max_prompt_len={max_prompt_len}")
+        if max_cache_len is not None and n + max_new_tokens > max_cache_len:
+            raise ValueError(
+                f"prompt {i} has {n} tokens: with max_new_tokens={max_new_tokens} it needs "
+                f"{n + max_new_tokens} cache positions, more than {limit_name}={max_cache_len}"
+            )
+        if vocab_size is not None and (min(p) < 0 or max(p) >= vocab_size):
+            bad = next(t for t in p if not 0 <= t < vocab_size)
+            raise ValueError(
+                f"prompt {i} holds token id {bad}, outside the model's vocabulary [0, {vocab_size})"
+            )
+
+
+def generate_arrays(
+    model: nnx.Module | nnx.GraphDef,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    params: nnx.State | None = None,
+    temperature: float = 0.0,
+    seed: int = 0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    n: int = 1,
+    stop_sequences: Sequence[Sequence[int]] = (),
+    max_prompt_len: int | None = None,
+    max_cache_len: int | None = None,
+    unstack_layers: bool | None = None,
+) -> Generation:
+    """Token id prompts -> a ``Generation`` of numpy arrays (see the module docstring). ``model`` is the
+    module, or its ``GraphDef`` with ``params``; ``params`` (optional with a module) replaces the module's
+    own state for this call. ``eos_ids``: ids that end a row (dropped from the output); ``pad_id`` fills
+    prompt padding and the output after each row's end; ``stop_sequences``: token id sequences that end a
+    row once generated (kept in the output)."""
+    if isinstance(model, nnx.GraphDef):
+        if params is None:
+            raise ValueError("generate_arrays got a GraphDef without params; pass params=the model state")
+        graphdef = model
+    else:
+        graphdef, own = nnx.split(model)
+        params = own if params is None else params
+    merged = nnx.merge(graphdef, params)  # a view for cfg and mesh: no array is copied
+    cfg, mesh = merged.cfg, merged.mesh
+    limit, limit_name = max_cache_len, "max_cache_len"
+    if limit is None:
+        limit, limit_name = cfg.max_position_embeddings, "max_cache_len (the model's max_position_embeddings)"
+    _check_prompts(prompt_ids, max_new_tokens, max_prompt_len, limit, cfg.vocab_size, limit_name)
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or n < 1:
+        raise ValueError(f"bad sampling options: {temperature=}, {top_k=}, {top_p=}, {n=}")
+    if any(len(s) == 0 for s in stop_sequences):
+        raise ValueError("stop_sequences must not contain an empty sequence")
+
+    rows = [list(p) for p in prompt_ids for _ in range(n)]
+    shards = batch_shards(mesh)
+    b = -(-len(rows) // shards) * shards
+    p_len = min(prompt_bucket(max(len(p) for p in rows)), limit - max_new_tokens)
+    tokens = np.full((b, p_len), pad_id, np.int32)
+    mask = np.zeros((b, p_len), np.int32)
+    for i in range(b):
+        p = rows[i if i < len(rows) else 0]  # dummy rows repeat row 0; they start ended
+        tokens[i, p_len - len(p) :] = p
+        mask[i, p_len - len(p) :] = 1
+    live = np.arange(b) < len(rows)
+
+    end_codes = np.zeros(cfg.vocab_size, np.int32)
+    multi = [tuple(s) for s in stop_sequences if len(s) > 1]
+    end_codes[[s[0] for s in stop_sequences if len(s) == 1 and 0 <= s[0] < cfg.vocab_size]] = _STOP
+    end_codes[[e for e in eos_ids if e is not None and 0 <= e < cfg.vocab_size]] = _EOS
+    width = pow2_at_least(max((len(s) for s in multi), default=1), 8)
+    seqs = np.full((pow2_at_least(len(multi), 4), width), _ANY, np.int32)
+    seqs[len(multi) :, -1] = _NEVER
+    for j, s in enumerate(multi):
+        seqs[j, width - len(s) :] = s
+
+    batch_arrays = (tokens, mask, live, np.arange(b, dtype=np.int32))
+    if mesh is not None:
+        spec = logical_to_spec(("batch",), None, mesh)  # b is a multiple of the shard count
+        batch_arrays = tuple(jax.device_put(x, NamedSharding(mesh, spec)) for x in batch_arrays)
+    if unstack_layers is None:
+        unstack_layers = jax.default_backend() == "cpu"
+    out, logps, lengths, ended, eos, steps = sample_program(
+        graphdef,
+        params,
+        *batch_arrays,
+        jnp.asarray(end_codes),
+        jnp.asarray(seqs),
+        jax.random.key(seed),
+        jnp.float32(temperature),
+        jnp.int32(top_k),
+        jnp.float32(top_p),
+        jnp.int32(pad_id),
+        max_new_tokens=max_new_tokens,
+        filtered=top_k > 0 or top_p < 1,
+        unstack=bool(unstack_layers),
+    )
+    r = len(rows)
+    return Generation(*(np.asarray(x)[:r] for x in (out, logps, lengths, ended, eos)), int(steps))
+
+
+def _layer_step(layer, x, cos, sin, mask, k_cache, v_cache, index):
+    """One decoder layer (``layers.DecoderLayer``'s math) over a KV cache: writes this step's keys and values
+    at slot ``index``, attends over the cache. The cache layouts are the ones the two attention dots read
+    as they are, so no step transposes the cache (XLA:CPU would copy it per layer per step)."""
+    eps = layer.cfg.rms_norm_eps
+    q, k, v = layer.attn.project_qkv(rms_norm(x, layer.input_norm[...], eps), cos, sin)
+    b, t, n, hd = q.shape
+    kv = k.shape[2]
+    k_cache = jax.lax.dynamic_update_slice(
+        k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype), (0, 0, 0, index)
+    )
+    v_cache = jax.lax.dynamic_update_slice(
+        v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0)
+    )
+    # Query rows grouped per KV head: [B, K, G*T, H], row g*T + t (GQA as in layers.attention_weights).
+    q = q.reshape(b, t, kv, n // kv, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, n // kv * t, hd)
+    scores = jnp.einsum("bkqh,bkhs->bkqs", q, k_cache, preferred_element_type=jnp.float32) * (hd**-0.5)
+    scores = jnp.where(jnp.tile(mask, (1, n // kv, 1))[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, v_cache)
+    out = out.reshape(b, kv, n // kv, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, n * hd)
+    y = out @ layer.attn.o_proj[...].reshape(n * hd, -1).astype(out.dtype)
+    if layer.cfg.o_bias:
+        y = y + layer.attn.o_bias[...].astype(y.dtype)
+    x = x + y
+    return x + layer.mlp(rms_norm(x, layer.post_attn_norm[...], eps)), k_cache, v_cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "filtered", "unstack"))
+def sample_program(
+    graphdef, params, tokens, mask, live, row_ids, end_codes, stop_seqs, key, temperature, top_k, top_p,
+    pad_id, *, max_new_tokens, filtered, unstack,
+):  # fmt: skip
+    model = nnx.merge(graphdef, params)
+    cfg, mesh = model.cfg, model.mesh
+    b, p_len = tokens.shape
+    slots = p_len + max_new_tokens
+    layer_def, layer_state = nnx.split(model.layers)
+
+    def layer_params(i):
+        return jax.tree.map(lambda a: a[i], layer_state)
+
+    hoisted = [layer_params(i) for i in range(cfg.num_layers)] if unstack else None
+    inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
+
+    def forward(ids, positions, caches, index, key_valid):
+        """ids [B, T] written at cache slot ``index`` -> (fp32 logits of the last position [B, V], caches)."""
+        cos, sin = rope_cos_sin(positions, inv_freq)
+        q_slots = index + jnp.arange(ids.shape[1])
+        attn_mask = (jnp.arange(slots)[None, :] <= q_slots[:, None])[None] & key_valid[:, None, :]
+        x = model.embed_tokens(ids)
+        new = []
+        for i, (k, v) in enumerate(caches):
+            layer = nnx.merge(layer_def, hoisted[i] if unstack else layer_params(i))
+            x, k, v = _layer_step(layer, x, cos, sin, attn_mask, k, v, index)
+            new.append((constrain(k, mesh, K_AXES), constrain(v, mesh, V_AXES)))
+            x = constrain(x, mesh, ACT)
+        return model.logits(x[:, -1:])[:, 0], tuple(new)
+
+    dtype = resolve_dtype(cfg.compute_dtype)
+    k0 = jnp.zeros((b, cfg.num_kv_heads, cfg.head_dim, slots), dtype)
+    v0 = jnp.zeros((b, cfg.num_kv_heads, slots, cfg.head_dim), dtype)
+    caches = tuple((constrain(k0, mesh, K_AXES), constrain(v0, mesh, V_AXES)) for _ in range(cfg.num_layers))
+    key_valid = jnp.zeros((b, slots), bool).at[:, :p_len].set(mask.astype(bool))
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    logits, caches = forward(tokens, positions, caches, 0, key_valid)
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
+
+    def choose(logits, i):
+        def greedy():
+            nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+            return nxt, jnp.take_along_axis(jax.nn.log_softmax(logits, -1), nxt[:, None], -1)[:, 0]
+
+        def sample():
+            # Unfiltered, process_logits skips its sort: top_k / top_p are then Python constants.
+            x = process_logits(logits, temperature, *((top_k, top_p) if filtered else (0, 1.0)))
+            keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, i)
+            nxt = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+            return nxt, jnp.take_along_axis(jax.nn.log_softmax(x, -1), nxt[:, None], -1)[:, 0]
+
+        return jax.lax.cond(temperature > 0, sample, greedy)
+
+    def record(state, logits):
+        """Choose token ``i`` of every row and book-keep ends; rows already ended write padding."""
+        i, out, logps, lengths, ended, done, window, eos = state
+        nxt, logp = choose(logits, i)
+        window = jnp.concatenate([window[:, 1:], nxt[:, None]], axis=1)
+        hit = jnp.all((stop_seqs[None] == window[:, None]) | (stop_seqs[None] == _ANY), -1).any(-1)
+        end = jnp.where(end_codes[nxt] == _CONTINUE, jnp.where(hit, _STOP, _CONTINUE), end_codes[nxt])
+        end = jnp.where(done, _CONTINUE, end)
+        keep = ~done & (end != _EOS)
+        out = out.at[:, i].set(jnp.where(keep, nxt, pad_id))
+        logps = logps.at[:, i].set(jnp.where(keep, logp, 0.0))
+        lengths = jnp.where(end != _CONTINUE, i + (end == _STOP), lengths)
+        ended = ended | (end != _CONTINUE)
+        eos = jnp.where(end == _EOS, nxt, eos)
+        return (i + 1, out, logps, lengths, ended, done | (end != _CONTINUE), window, eos), nxt
+
+    def step(carry):
+        state, logits, pos, caches, key_valid = carry
+        state, nxt = record(state, logits)
+        i = state[0] - 1
+        key_valid = key_valid.at[:, p_len + i].set(True)
+        logits, caches = forward(nxt[:, None], pos[:, None], caches, p_len + i, key_valid)
+        return state, logits, pos + 1, caches, key_valid
+
+    def cond(carry):
+        state = carry[0]
+        return (state[0] < max_new_tokens - 1) & ~jnp.all(state[5])
+
+    state = (
+        jnp.int32(0),
+        jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+        jnp.zeros((b, max_new_tokens), jnp.float32),
+        jnp.full((b,), max_new_tokens, jnp.int32),
+        jnp.zeros((b,), bool),
+        ~live,
+        jnp.full((b, stop_seqs.shape[1]), _WINDOW_EMPTY, jnp.int32),
+        jnp.full((b,), -1, jnp.int32),
+    )
+    state, logits, *_ = jax.lax.while_loop(
+        cond, step, (state, logits, positions[:, -1] + 1, caches, key_valid)
+    )
+    # The last token needs no forward after it: chosen outside the loop (a no-op if every row has ended).
+    all_done = jnp.all(state[5])
+    final, _ = record(state, logits)
+    i, out, logps, lengths, ended, _, _, eos = final
+    outputs = out, logps, lengths, ended & live, eos, jnp.where(all_done, state[0], i)
+    if mesh is None:
+        return outputs
+    # Replicated, so that every host can read every row (on a pod, rows live on other hosts' devices).
+    return jax.lax.with_sharding_constraint(outputs, NamedSharding(mesh, PartitionSpec()))
+
+
+def generate_tokens(
+    model: nnx.Module | nnx.GraphDef,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    n: int = 1,
+    max_prompt_len: int | None = None,
+    return_logprobs: bool = False,
+    stop_sequences: Sequence[Sequence[int]] = (),
+    max_cache_len: int | None = None,
+    params: nnx.State | None = None,
+):
+    """Token lists in, new token lists out (each cut after its first EOS, EOS excluded, or after its first
+    stop sequence, included), ``n`` per prompt in prompt-major order. With ``return_logprobs``: (token
+    lists, log-prob lists aligned with them). Options as in ``generate_arrays``."""
+    g = generate_arrays(
+        model,
+        prompt_ids,
+        max_new_tokens,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        params=params,
+        temperature=temperature,
+        seed=seed,
+        top_k=top_k,
+        top_p=top_p,
+        n=n,
+        stop_sequences=stop_sequences,
+        max_prompt_len=max_prompt_len,
+        max_cache_len=max_cache_len,
+    )
+    tokens = [row[:k].tolist() for row, k in zip(g.tokens, g.lengths, strict=True)]
+    if not return_logprobs:
+        return tokens
+    return tokens, [row[:k].tolist() for row, k in zip(g.logprobs, g.lengths, strict=True)]
+
+
+def generation_ids(model: nnx.Module, tokenizer) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id) for ``model`` and ``tokenizer``: EOS from the checkpoint's generation_config.json,
+    else the tokenizer's; pad from the tokenizer, else the first EOS, else 0."""
+    eos = model.cfg.generation_config.get("eos_token_id", tokenizer.eos_token_id)
+    eos = tuple(e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None)
+    pad = tokenizer.pad_token_id
+    return eos, pad if pad is not None else (eos[0] if eos else 0)
+
+
+def generate(
+    model: nnx.Module,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+    *,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    n: int = 1,
+    stop: Sequence[str] | None = None,
+    max_prompt_len: int | None = None,
+    max_cache_len: int | None = None,
+    params: nnx.State | None = None,
+) -> list[str]:
+    """Prompts (already chat-formatted if the model wants that) -> generated texts, special tokens dropped,
+    ``n`` per prompt in prompt-major order, each cut at its first stop string (rows also stop generating
+    there, see the module docstring). ``max_prompt_len`` counts tokens; ``max_cache_len`` bounds prompt
+    tokens + ``max_new_tokens`` (default: the model's max_position_embeddings). Raises ValueError on no
+    prompts, an empty prompt, a prompt over either limit, or an empty stop string."""
+    if len(prompts) == 0:
+        raise ValueError("generate needs at least one prompt")
+    if isinstance(stop, str):
+        stop = [stop]
+    stop = list(stop or ())
+    if any(not s for s in stop):
+        raise ValueError(f"stop strings must be non-empty, got {stop!r}")
+    eos_ids, pad_id = generation_ids(model, tokenizer)
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    new = generate_tokens(
+        model,
+        ids,
+        max_new_tokens,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        temperature=temperature,
+        seed=seed,
+        top_k=top_k,
+        top_p=top_p,
+        n=n,
+        max_prompt_len=max_prompt_len,
+        stop_sequences=stop_token_sequences(tokenizer, stop, model.cfg.vocab_size),
+        max_cache_len=max_cache_len,
+        params=params,
+    )
+    return [cut_at_stop(tokenizer.decode(t, skip_special_tokens=True), stop) for t in new]

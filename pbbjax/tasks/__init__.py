@@ -1,3 +1,0 @@
-"""PBB task domains: instructions, their inputs and real execution. Importing this registers them all."""
-
-from pbbjax.tasks import arithmetic, ciphers, grammars, leetcode  # noqa: F401
