@@ -9,7 +9,9 @@ Presets: those of every config (``cpu``, ``tiny``, a paper-scale model, each opt
 ``rl-<model>`` (a paper-scale model with GRPO, e.g. ``rl-qwen3-4b,v5p-8``).
 """
 
-from pbbjax.config.schema import base_config, select_preset
+import dataclasses
+
+from pbbjax.config.schema import Preset, base_config, select_preset
 
 
 def _grpo(c, scale: str) -> None:
@@ -32,10 +34,8 @@ def _grpo(c, scale: str) -> None:
 
 
 def get_config(preset: str | None = None):
-    name, sep, mesh = (preset or "cpu").partition(",")
-    rl = name == "rl" or name.startswith("rl-")
-    base = {"rl": "cpu", "rl-tiny": "tiny"}.get(name, name.removeprefix("rl-") if rl else name)
-    c = select_preset(base_config("retroactive"), base + sep + mesh)
-    if rl:
-        _grpo(c, base if base in ("cpu", "tiny") else "paper")
+    p = Preset.parse(preset, default="cpu")
+    c = select_preset(base_config("retroactive"), dataclasses.replace(p, rl=False))
+    if p.rl:
+        _grpo(c, p.size if p.size in ("cpu", "tiny") else "paper")
     return c

@@ -221,21 +221,52 @@ def _tiny(c):
 PRESETS = ("demo", "cpu", "tiny", *MODELS, *LORA_PRESETS)
 
 
-def select_preset(c: ml_collections.ConfigDict, preset: str | None) -> ml_collections.ConfigDict:
-    """``configs/<curriculum>.py:<preset>[,<pod>]``: ``demo`` (the default: the main job), ``cpu`` (the CPU
-    studies' base), ``tiny``, or a paper-scale model (``qwen3-14b``..., or ``qwen3-4b-lora``... for LoRA),
-    optionally followed by a TPU pod (``qwen3-8b,v5p-64``; see ``pbbjax.config.presets``)."""
-    name, _, pod = (preset or "demo").partition(",")
-    if name not in PRESETS:
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """What ``configs/<curriculum>.py:<preset>`` names, parsed in this one place: ``[rl-]<name>[,<pod>]``.
+
+    ``name`` is ``demo`` (the main job), ``cpu`` (the CPU studies' base), ``tiny`` or a paper-scale model
+    preset (``qwen3-14b``, ``qwen3-4b-lora``...); ``pod`` a TPU pod for the paper-scale ones
+    (``pbbjax.config.presets``); ``rl`` the retroactive config's GRPO variant (``rl`` alone is ``rl-cpu``)."""
+
+    name: str
+    pod: str | None = None
+    rl: bool = False
+
+    @classmethod
+    def parse(cls, text: str | None, default: str = "demo") -> Preset:
+        head, _, pod = (text or default).partition(",")
+        rl = head == "rl" or head.startswith("rl-")
+        name = (head.removeprefix("rl-") if head != "rl" else "cpu") if rl else head
+        return cls(name, pod or None, rl)
+
+    @property
+    def size(self) -> str:
+        """``tiny``, ``cpu``, ``demo``, or ``paper`` for the paper-scale presets."""
+        return self.name if self.name in ("tiny", "cpu", "demo") else "paper"
+
+    def __str__(self) -> str:
+        head = ("rl" if self.name == "cpu" else f"rl-{self.name}") if self.rl else self.name
+        return head + (f",{self.pod}" if self.pod else "")
+
+
+def select_preset(c: ml_collections.ConfigDict, preset: str | Preset | None) -> ml_collections.ConfigDict:
+    """Apply ``preset`` (a ``Preset`` or its text; default ``demo``) to the base config ``c``."""
+    p = preset if isinstance(preset, Preset) else Preset.parse(preset)
+    if p.rl:
+        raise ValueError(f"preset {str(p)!r}: the rl presets are configs/retroactive.py's")
+    if p.name not in PRESETS:
         raise ValueError(
-            f"unknown preset {name!r} for the {c.curriculum} config; presets: {', '.join(PRESETS)}"
+            f"unknown preset {p.name!r} for the {c.curriculum} config; presets: {', '.join(PRESETS)}"
         )
-    if name in MODELS or name in LORA_PRESETS:
-        apply_paper(c, name, pod or None)
-    elif pod:
-        raise ValueError(f"the {name} preset takes no pod ({pod!r} given); pods are for paper-scale presets")
+    if p.name in MODELS or p.name in LORA_PRESETS:
+        apply_paper(c, p.name, p.pod)
+    elif p.pod:
+        raise ValueError(
+            f"the {p.name} preset takes no pod ({p.pod!r} given); pods are for paper-scale presets"
+        )
     else:
-        {"demo": _demo, "cpu": _cpu, "tiny": _tiny}[name](c)
+        {"demo": _demo, "cpu": _cpu, "tiny": _tiny}[p.name](c)
     return c
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import jax
 
+from pbbjax.config.schema import Preset
 from pbbjax.studies.catalog import COMMON, Arm, Run, Study
 from pbbjax.studies.report import report
 from pbbjax.training import aot
@@ -23,16 +25,14 @@ log = logging.getLogger(__name__)
 
 
 def size_of(preset: str) -> str:
-    name = preset.partition(",")[0]
-    return name if name in ("tiny", "cpu", "demo") else "paper"
+    return Preset.parse(preset).size
 
 
 def run_preset(run: Run, preset: str) -> str:
     """The preset to load ``run``'s config file with: its GRPO variant where the run is an RL run."""
     if not run.rl:
         return preset
-    name, sep, pod = preset.partition(",")
-    return {"cpu": "rl", "tiny": "rl-tiny"}.get(name, f"rl-{name}") + sep + pod
+    return str(dataclasses.replace(Preset.parse(preset), rl=True))
 
 
 def load_config(name: str, preset: str):
