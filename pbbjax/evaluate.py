@@ -10,21 +10,14 @@ the table and writes ``results.json`` (the records) and the plots to ``--out`` (
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import jax
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
-from pbbjax.config.schema import build_config_curriculum, eval_config, pipeline_config
 from pbbjax.core import console
 from pbbjax.core.distributed import initialize
-from pbbjax.eval.harness import evaluate, results_table
-from pbbjax.eval.plots import write_plots
-from pbbjax.training import sft
-from pbbjax.training.restore import load_for_eval
+from pbbjax.training.restore import evaluate_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally :preset")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "an HF model directory or a run's Orbax checkpoint")
@@ -45,43 +38,9 @@ def main(argv):
     checkpoint = Path(_CHECKPOINT.value)
     if not checkpoint.is_dir():
         raise app.UsageError(f"--checkpoint {checkpoint} is not a directory")
-    model, tokenizer, label, out = load_for_eval(config, checkpoint, _STAGE.value, _STEP.value)
-    out = Path(_OUT.value) if _OUT.value else out
-    domain, curriculum = build_config_curriculum(config)
-    graphdef, params = nnx.split(model)
-    sharding = sft.batch_sharding(model.mesh)
-
-    def put(batch):
-        return jax.make_array_from_process_local_data(sharding, batch)
-
-    records = evaluate(
-        model,
-        params,
-        tokenizer,
-        domain,
-        curriculum,
-        eval_config(config),
-        eval_step=sft.make_eval_step(graphdef, config.train.loss_mode),
-        seq_len=pipeline_config(config).seq_len,
-        put=put,
-        cot=config.data.cot,
+    evaluate_checkpoint(
+        config, checkpoint, _STAGE.value, _STEP.value, Path(_OUT.value) if _OUT.value else None
     )
-    records = [{"after": label, "step": 0, "final": True, **r} for r in records]
-    if jax.process_index() != 0:  # every host evaluated (collectives); process 0 writes and reports
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    results = {
-        "curriculum": config.curriculum,
-        "domain": config.domain,
-        "seed": config.seed,
-        "records": records,
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{config.curriculum} curriculum, {config.domain}, seed {config.seed}: {checkpoint}")
-    print(results_table(records))
-    for path in write_plots(records, out / "plots", title=f"{config.curriculum}, {config.domain}: {label}"):
-        print(f"plot: {path}")
-    print(f"results: {out / 'results.json'}")
 
 
 if __name__ == "__main__":

@@ -42,11 +42,14 @@ import dataclasses
 import json
 import math
 from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
 from pbbjax.core.tables import format_table
+from pbbjax.data.curriculum import Curriculum
 from pbbjax.data.formatting import IN_CONTEXT_PREFIX, Row, chat_prompt
 from pbbjax.data.pipeline import PipelineConfig, make_dataset, tokenize_rows
 from pbbjax.data.tasks.base import (
@@ -264,10 +267,27 @@ def grammar_measures(domain, instructions, rows: list[Row], texts: list[str], se
     }
 
 
-def evaluate(
-    model, params, tokenizer, domain, curriculum, cfg: EvalConfig, *, eval_step, seq_len, put, cot=False
-) -> list[dict]:
-    """One record per (configured set, mode): see the module docstring. ``cot`` resolves mode ``auto``."""
+@dataclasses.dataclass(frozen=True)
+class EvalJob:
+    """What an evaluation needs besides the model: the curriculum's sets, how to score and how to ask.
+
+    ``eval_step`` is the jitted held-out loss step (``training.sft.make_eval_step``), ``put`` turns this
+    host's slice of a batch into the global array, ``cot`` resolves mode ``auto``."""
+
+    tokenizer: Any
+    domain: Domain
+    curriculum: Curriculum
+    cfg: EvalConfig
+    eval_step: Callable
+    seq_len: int
+    put: Callable
+    cot: bool = False
+
+
+def evaluate(model, params, job: EvalJob) -> list[dict]:
+    """One record per (configured set, mode) of ``job``: see the module docstring."""
+    tokenizer, domain, curriculum, cfg = job.tokenizer, job.domain, job.curriculum, job.cfg
+    eval_step, seq_len, put, cot = job.eval_step, job.seq_len, job.put, job.cot
     records = []
     for name in cfg.sets:
         if name not in curriculum.eval_sets:

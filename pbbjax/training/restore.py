@@ -1,6 +1,6 @@
-"""A model to evaluate, from a Hugging Face directory or a run's Orbax checkpoint (``pbbjax.evaluate``'s
-``--checkpoint``): the run's config.json with the checkpoint's parameters restored straight into their
-shards, and the LoRA adapters its fingerprint names."""
+"""Evaluating a saved model (``python -m pbbjax.evaluate``): from a Hugging Face directory or a run's Orbax
+checkpoint, whose parameters are restored straight into their shards onto the run's config.json, with the
+LoRA adapters its fingerprint names."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from pbbjax.config.schema import param_dtype
+from pbbjax.config.schema import build_config_curriculum, eval_config, param_dtype, pipeline_config
 from pbbjax.core.storage import orbax_path
+from pbbjax.eval.harness import EvalJob, evaluate, results_table
+from pbbjax.eval.plots import write_plots
 from pbbjax.models.architecture import ModelConfig
 from pbbjax.models.default_model import default_model_path
 from pbbjax.models.hf_io import abstract_model, load_model, load_tokenizer
 from pbbjax.models.sharding import make_mesh
+from pbbjax.training import sft
 from pbbjax.training.export import checkpoint_lora, find_checkpoints, read_info, select_checkpoint
 
 
@@ -63,3 +66,49 @@ def load_for_eval(config, checkpoint: Path, stage=None, step=None):
 
 def _default() -> str:
     return str(default_model_path())
+
+
+def evaluate_checkpoint(
+    config, checkpoint: Path, stage=None, step=None, out: Path | None = None
+) -> list[dict]:
+    """Evaluate the model of ``checkpoint`` (an HF directory or a run's Orbax checkpoint; ``stage`` /
+    ``step`` pick one) on ``config``'s curriculum and return the records; process 0 prints the table and
+    writes ``results.json`` and the plots to ``out`` (default: ``<workdir>/evaluations/<label>``, or
+    ``<DIR>/evaluation``)."""
+    model, tokenizer, label, default_out = load_for_eval(config, checkpoint, stage, step)
+    out = out or default_out
+    domain, curriculum = build_config_curriculum(config)
+    graphdef, params = nnx.split(model)
+    sharding = sft.batch_sharding(model.mesh)
+
+    def put(batch):
+        return jax.make_array_from_process_local_data(sharding, batch)
+
+    job = EvalJob(
+        tokenizer,
+        domain,
+        curriculum,
+        eval_config(config),
+        eval_step=sft.make_eval_step(graphdef, config.train.loss_mode),
+        seq_len=pipeline_config(config).seq_len,
+        put=put,
+        cot=config.data.cot,
+    )
+    records = evaluate(model, params, job)
+    records = [{"after": label, "step": 0, "final": True, **r} for r in records]
+    if jax.process_index() != 0:  # every host evaluated (collectives); process 0 writes and reports
+        return records
+    out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "curriculum": config.curriculum,
+        "domain": config.domain,
+        "seed": config.seed,
+        "records": records,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{config.curriculum} curriculum, {config.domain}, seed {config.seed}: {checkpoint}")
+    print(results_table(records))
+    for path in write_plots(records, out / "plots", title=f"{config.curriculum}, {config.domain}: {label}"):
+        print(f"plot: {path}")
+    print(f"results: {out / 'results.json'}")
+    return records
