@@ -47,8 +47,9 @@ def check_outputs(name, out, seeds):
     for run in s.runs:
         config = json.loads((out / "configs" / f"{run.name}.json").read_text())
         assert config["command"].startswith(f"python -m pbbjax.train --config configs/{run.config}.py:")
-        for seed in range(seeds):
-            assert json.loads((out / "runs" / run.name / f"seed{seed}.json").read_text())["records"]
+        for seed in range(s.first_seed, s.first_seed + seeds):
+            saved = json.loads((out / "runs" / run.name / f"seed{seed}.json").read_text())
+            assert saved["records"] and saved["seed"] == seed
     plots = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert plots and all((out / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     want = {"arms": "arms.png", "by_length": "accuracy_by_length.png", "by_shift": "accuracy_by_shift.png"}
@@ -66,7 +67,7 @@ SLOW = {"stages", "leetcode", "representation"}
     "name",
     [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in STUDIES if n != "exchange-rate"],
 )
-def test_study_end_to_end_tiny(name, tmp_path):
+def test_study_end_to_end_tiny(name, tmp_path, capsys):
     out, work = run_tiny(name, tmp_path)
     data = check_outputs(name, out, 1)
     if name == "minimal":  # arithmetic CoT: whether the traces state the programs, apart from their values
@@ -80,7 +81,10 @@ def test_study_end_to_end_tiny(name, tmp_path):
         assert minus == {"stage1-only", "stage2-only", "mixture", "proactive-no-replay"}
         assert all(-1.0 <= d["ci_low"] <= d["ci_high"] <= 1.0 for d in data["differences"])
         assert "proactive - mixture" in (out / "table.md").read_text()
-    assert not list(work.glob("*/seed0/checkpoints/*")), "a finished run's checkpoints are removed"
+    if name == "replay":  # seeds 0-4 chose the main job's settings: this study reports seeds 5..
+        assert data["first_seed"] == 5 and "seeds 5-5" in capsys.readouterr().out
+        assert {d["minus"] for d in data["differences"]} == {"stage1-only", "proactive-no-replay"}
+    assert list(work.glob("*/seed*")) and not list(work.glob("*/seed*/checkpoints/*")), "checkpoints removed"
 
 
 def test_exchange_rate_study_resumes_after_a_kill(tmp_path, monkeypatch, capsys, caplog):

@@ -46,6 +46,7 @@ class Study:
     metrics: tuple[str, ...] = ("accuracy",)  # what the table and the arms plot show
     seeds: int = 3  # the default number of seeds
     reference: str = ""  # an arm whose difference from every other arm is reported (paired bootstrap)
+    first_seed: int = 0  # seeds first_seed.. (seeds below it chose the settings, so are not reported here)
 
 
 # Every study: no per-stage HF exports (the runs' checkpoints suffice and are removed when a run ends).
@@ -356,6 +357,32 @@ def _demo() -> Study:
     )
 
 
+def _replay() -> Study:
+    """Whether the main job's stage 2 should replay stage-1 rows: the ``demo`` study's controls (seeds 0-4)
+    found proactive without replay ahead of the main job's replay 1.0. Those seeds chose; this study
+    measures both on seeds 5-9, which chose nothing."""
+    return Study(
+        "replay",
+        "The paper's proactive curriculum has no replay in stage 2; the main job adds one replayed "
+        "stage-1 row per code row of the eval programs.",
+        "Fig. 3 lower left, CoT",
+        (
+            Run("replay", "proactive", {"data.replay_fraction": 1.0}),
+            Run("no-replay", "proactive", {"data.replay_fraction": 0.0}),
+        ),
+        (
+            Arm("stage1-only", "replay", "stage1"),
+            Arm("proactive-replay", "replay", "stage2"),
+            Arm("proactive-no-replay", "no-replay", "stage2"),
+        ),
+        {"demo": {}, "tiny": _TINY},
+        metrics=("accuracy", "recall"),
+        seeds=5,
+        reference="proactive-replay",
+        first_seed=5,
+    )
+
+
 def _grammars() -> Study:
     grammar = {"domain": "grammars", "eval.temperature": 1.0, "eval.sets": ("eval",), "eval.at_start": True}
     return Study(
@@ -420,5 +447,6 @@ STUDIES: dict[str, Study] = {
         _grammars(),
         _minimal(),
         _demo(),
+        _replay(),
     )
 }

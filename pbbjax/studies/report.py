@@ -347,7 +347,7 @@ def _ad_n(arm: str) -> int | None:
     return int(arm[2:]) if arm.startswith("ad") and arm[2:].isdigit() else None
 
 
-def report(study, arms, runs: dict, seeds: int, preset: str, out: Path) -> dict:
+def report(study, arms, runs: dict, seeds: int, preset: str, out: Path, first_seed: int = 0) -> dict:
     """Aggregate, then write results.json, table.md and plots/ into ``out``; print the table."""
     out = Path(out)
     rows = aggregate(arms, runs, seeds)
@@ -358,6 +358,7 @@ def report(study, arms, runs: dict, seeds: int, preset: str, out: Path) -> dict:
         "figure": study.figure,
         "preset": preset,
         "seeds": seeds,
+        **({"first_seed": first_seed} if first_seed else {}),  # seeds first_seed..first_seed + seeds - 1
         "arms": rows,
     }
     if study.reference:
@@ -389,7 +390,8 @@ def report(study, arms, runs: dict, seeds: int, preset: str, out: Path) -> dict:
             )
     (out / "table.md").write_text(table + "\n")
     paths = write_study_plots(study, arms, rows, runs, seeds, xr, out / "plots")
-    print(f"\n{study.name} ({study.figure}), preset {preset}, {seeds} seed(s): {out}\n{table}")
+    which = f"seeds {first_seed}-{first_seed + seeds - 1}" if first_seed else f"{seeds} seed(s)"
+    print(f"\n{study.name} ({study.figure}), preset {preset}, {which}: {out}\n{table}")
     for p in paths:
         print(f"plot: {p}")
     return data
@@ -397,7 +399,7 @@ def report(study, arms, runs: dict, seeds: int, preset: str, out: Path) -> dict:
 
 def _strict_json(value):
     """JSON has no inf or NaN (an unreached N* bound, a loss interval's open end): floats go through
-    ``metrics.json_value``, as in ``metrics.jsonl``."""
+    ``core.tables.json_value``, as in ``metrics.jsonl``."""
     if isinstance(value, float):
         return json_value(value)
     if isinstance(value, dict):

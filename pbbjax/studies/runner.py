@@ -97,6 +97,7 @@ class StudyRunner:
         if seeds < 1:
             raise ValueError(f"--seeds must be at least 1, got {seeds}")
         self.study, self.preset, self.seeds = study, preset, seeds
+        self.seed_values = range(study.first_seed, study.first_seed + seeds)
         self.out, self.workdir = Path(out), Path(workdir)
         self.extra = dict(overrides or {})
         self.size = size_of(preset)
@@ -137,7 +138,8 @@ class StudyRunner:
 
     def write_configs(self) -> None:
         for run in self.study.runs:
-            config, overrides = self.config(run, 0), self.overrides(run, 0)
+            first = self.seed_values[0]
+            config, overrides = self.config(run, first), self.overrides(run, first)
             path = self.out / "configs" / f"{run.name}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             data = {
@@ -164,7 +166,7 @@ class StudyRunner:
 
     def report_only(self) -> dict:
         """The comparison from the runs' records already in ``out``, training nothing."""
-        todo = [(seed, run) for seed in range(self.seeds) for run in self.study.runs]
+        todo = [(seed, run) for seed in self.seed_values for run in self.study.runs]
         missing = [
             f"{run.name} seed {seed}" for seed, run in todo if not self.records_path(run, seed).exists()
         ]
@@ -172,15 +174,11 @@ class StudyRunner:
             raise FileNotFoundError(
                 f"--report-only: no records in {self.out / 'runs'} for {', '.join(missing)}"
             )
-        runs = {
-            (run.name, seed): json.loads(self.records_path(run, seed).read_text())["records"]
-            for seed, run in todo
-        }
-        return report(self.study, self.arms, runs, self.seeds, self.preset, self.out)
+        return self._report(todo)
 
     def run(self, keep_checkpoints: bool = False) -> dict:
         self.write_configs()
-        todo = [(seed, run) for seed in range(self.seeds) for run in self.study.runs]
+        todo = [(seed, run) for seed in self.seed_values for run in self.study.runs]
         t0 = time.perf_counter()
         for i, (seed, run) in enumerate(todo, 1):
             config = self.config(run, seed)
@@ -206,11 +204,16 @@ class StudyRunner:
                 f"(study so far {time.perf_counter() - t0:.0f}s)",
                 flush=True,
             )
+        return self._report(todo)
+
+    def _report(self, todo) -> dict:
+        """The report over the seeds' records, indexed 0.. in seed order (the bootstraps resample them)."""
+        first = self.seed_values[0]
         runs = {
-            (run.name, seed): json.loads(self.records_path(run, seed).read_text())["records"]
+            (run.name, seed - first): json.loads(self.records_path(run, seed).read_text())["records"]
             for seed, run in todo
         }
-        return report(self.study, self.arms, runs, self.seeds, self.preset, self.out)
+        return report(self.study, self.arms, runs, self.seeds, self.preset, self.out, first_seed=first)
 
 
 def enable_compilation_cache() -> None:
