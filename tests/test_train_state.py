@@ -80,9 +80,8 @@ def test_moments_take_their_parameters_shardings_and_bytes_split_over_devices(hf
 
 def test_compile_only_builds_the_state_a_run_builds():
     """pbbjax.training.aot's abstract state for the tiny preset on this machine's 8 devices, against the
-    state the
-    runner's own calls (load_model on the mesh, sft.init_state) build: the same leaves, shapes, dtypes and
-    shardings."""
+    state the runner's own calls (load_model on the mesh, sft.init_state) build: the same leaves, shapes,
+    dtypes and shardings."""
     from pbbjax.models.tiny import tiny_model_dir
     from pbbjax.training import aot
 

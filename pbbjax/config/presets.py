@@ -1,12 +1,10 @@
 """Paper-scale presets: the paper's models, the TPU slices they run on, and their batch and sequence settings.
 
-``configs/<curriculum>.py:<model>[,<pod>]`` selects one (``config.select_preset``), e.g.
+``configs/<curriculum>.py:<model>[,<pod>]`` selects one (``config.schema.select_preset``), e.g.
 ``configs/proactive.py:qwen3-14b,v5p-64``. The model's shape comes from
-``pbbjax/config/paper_models/<model>.json``,
-a copy of the published Hugging Face ``config.json`` (no weights), so compile-only mode
-(``pbbjax.training.aot``) needs no network; training loads the weights from the hub id (or a local copy given
-as
-``model.path``).
+``pbbjax/config/paper_models/<model>.json``, a copy of the published Hugging Face ``config.json`` (no
+weights), so compile-only mode (``pbbjax.training.aot``) needs no network; training loads the weights from
+the hub id (or a local copy given as ``model.path``).
 
 Layout: FSDP over every chip (``data=1, fsdp=-1, tensor=1``). Parameters, gradients and AdamW moments
 are sharded over all chips; for models up to 14B on these slices that leaves room for activations
@@ -77,8 +75,7 @@ PODS = {
     "v6e-8": Pod("v6e:2x4", 8),
 }
 
-# model preset -> (Hugging Face hub id, default pod); the shape file is
-# pbbjax/config/paper_models/<preset>.json.
+# model preset -> (Hugging Face hub id, default pod); the shape file: pbbjax/config/paper_models/<preset>.json
 MODELS = {
     "qwen3-0.6b": ("Qwen/Qwen3-0.6B", "v5e-8"),
     "qwen3-1.7b": ("Qwen/Qwen3-1.7B", "v5e-8"),

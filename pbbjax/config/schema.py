@@ -10,12 +10,10 @@ A config is an ``ml_collections.ConfigDict`` with the sections:
   ``model.lora``: ``rank`` (0 = full finetuning), ``alpha``, ``targets``, ``dropout``, ``base_dtype``
 - ``mesh``: ``data``, ``fsdp``, ``tensor`` sizes (-1 = the remaining devices)
 - ``compile_only_topology``: a TPU topology or pod to only compile the run's steps for
-(``pbbjax.training.aot``);
-  ``model.config_file`` then gives the model's shape (the paper presets ship
+  (``pbbjax.training.aot``); ``model.config_file`` then gives the model's shape (the paper presets ship
   ``pbbjax/config/paper_models/*.json``)
-- ``sandbox``: how programs from data run (``pbbjax.data.tasks.sandbox``): "strict" (the default; refuses to
-run
-  where the kernel lacks a mechanism) or "weak" (a subprocess with resource limits only)
+- ``sandbox``: how programs from data run (``pbbjax.data.tasks.sandbox``): "strict" (the default; refuses
+  to run where the kernel lacks a mechanism) or "weak" (a subprocess with resource limits only)
 - ``log``: experiment tracking besides ``metrics.jsonl`` and TensorBoard (``pbbjax.training.tracking``):
   ``wandb`` (a Weights & Biases project; "" = off; needs ``pip install 'pbbjax[wandb]'``), ``wandb_entity``
   ("" = wandb's default), ``wandb_mode`` ("" = ``WANDB_MODE`` or online; "online", "offline", "disabled")

@@ -281,13 +281,10 @@ def _ciphers(name: str, stage1: str) -> Study:
 
 
 def _minimal() -> Study:
-    """The search for a PBB effect at CPU scale (docs/results.md): the simplest programs (one statement,
-    ``x + c``: addition is the arithmetic SmolLM2-135M has), CoT traces that restate the statement before
-    computing it, enough stage-2 repeats and updates for the model to memorise every eval definition, and
-    (on CPU) stage-1 rows replayed in stage 2 so that the model keeps answering in the trace format, with
-    executions of nearly every input of every train program so that finetuning keeps the model adding
-    rather than recalling frequent values. The other studies' CPU sizes train stage 2 for a step or two,
-    too little to learn the eval programs' text at all."""
+    """Proactive PBB on the simplest programs (one statement, ``x + c``), with CoT traces that restate the
+    statement before computing it, enough stage-2 repeats and updates to memorise every eval definition,
+    stage-1 rows replayed in stage 2 (on CPU), and executions of nearly every input of every train program.
+    docs/results.md gives the reasons for each setting."""
     over = {
         **_variant("cot"),
         "domain_options.arithmetic.length": (1, 1),

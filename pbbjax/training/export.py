@@ -5,7 +5,7 @@ This module owns finding the checkpoint to export in a run (``<workdir>/checkpoi
 ends of branched stages in ``<workdir>/stage_ends/<stage>/``), streaming its parameters out of Orbax's
 array store into safetensors shards, and ``write_source_model``: checkpoints hold arrays only, so the
 runner writes the run's HF config, generation config and tokenizer to ``<workdir>/source_model/`` once at
-start (``--model`` names them for older runs).
+start (``--model`` names them where that directory is missing).
 
 Streaming: each parameter is read straight from the checkpoint's TensorStore arrays with Orbax's own read
 spec (the optimizer state is never touched), one stored chunk at a time (Orbax stores a chunk per device

@@ -97,9 +97,9 @@ class Runner:
         )
         if config.model.remat != "none" and not config.model.scan_layers and jax.default_backend() == "cpu":
             log.warning(
-                "model.remat=%s without model.scan_layers saves almost no memory on XLA:CPU (measured: "
-                "docs/results.md, leetcode); set model.scan_layers=True as well, or use "
-                "train.microbatches (scripts/train_memory.py measures each choice)",
+                "model.remat=%s without model.scan_layers saves almost no memory on XLA:CPU; set "
+                "model.scan_layers=True as well, or use train.microbatches (scripts/train_memory.py "
+                "measures each choice)",
                 config.model.remat,
             )
         self.graphdef, _ = nnx.split(self.model)
