@@ -15,6 +15,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from pbbjax.config.run_config import build_run_config
 from pbbjax.core import console
 from pbbjax.core.distributed import initialize
 from pbbjax.training.restore import evaluate_checkpoint
@@ -33,7 +34,8 @@ def main(argv):
     config = _CONFIG.value
     if config is None or not _CHECKPOINT.value:
         raise app.UsageError("--config and --checkpoint are required")
-    initialize(config.distributed, config.cluster.to_dict())
+    config = build_run_config(config)
+    initialize(config.distributed, config.cluster)
 
     checkpoint = Path(_CHECKPOINT.value)
     if not checkpoint.is_dir():

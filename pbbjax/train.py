@@ -14,6 +14,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from pbbjax.config.run_config import build_run_config
 from pbbjax.core import console
 from pbbjax.training import aot
 from pbbjax.training.preemption import EXIT_CODE, Preempted
@@ -31,6 +32,7 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/proactive.py")
+    config = build_run_config(config)
     if config.compile_only_topology:
         sys.exit(aot.run(config))
     try:

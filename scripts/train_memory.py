@@ -32,6 +32,7 @@ def measure(model_dir, batch: int, seq: int, remat: str, scan: bool, microbatche
     analysis), on this process's first device."""
     import jax
 
+    from pbbjax.config.run_config import build_run_config
     from pbbjax.config.schema import base_config
     from pbbjax.training import aot
 
@@ -40,7 +41,7 @@ def measure(model_dir, batch: int, seq: int, remat: str, scan: bool, microbatche
     config.pipeline.update(batch_size=batch, seq_len=seq)
     config.train.microbatches = microbatches
     config.mesh.update(data=1, fsdp=1, tensor=1)
-    step = aot.sft_steps(aot.build_context(config, jax.devices()[:1]))[0]
+    step = aot.sft_steps(aot.build_context(build_run_config(config), jax.devices()[:1]))[0]
     row = aot.compile_step(step, hbm=2**62)  # no memory limit: report what it needs
     return {"remat": remat, "scan_layers": scan, "microbatches": microbatches} | {
         k: row[k] for k in ("temporaries", "total", "estimate")

@@ -14,6 +14,7 @@ import pytest
 from conftest import load_config
 
 from pbbjax.config import memory, presets
+from pbbjax.config.run_config import build_run_config
 from pbbjax.core import storage
 from pbbjax.models.sharding import make_mesh
 from pbbjax.training import aot
@@ -92,7 +93,7 @@ def test_pods_pick_microbatches_and_refuse_what_does_not_fit():
 def test_estimate_of_state_matches_the_sharded_abstract_state():
     """The estimator's params and optimizer rows against the exact shard sizes of the abstract train state."""
     config = load_config("configs/proactive.py:qwen3-1.7b")
-    ctx = aot.build_context(config, jax.devices())  # 8 CPU devices: fsdp=8
+    ctx = aot.build_context(build_run_config(config), jax.devices())  # 8 CPU devices: fsdp=8
     est = memory.train_estimate(ctx.cfg, ctx.layout, batch=64, seq_len=1024)
     assert ctx.layout == memory.Layout(1, 8, 1)
     assert est["params"] == pytest.approx(aot.shard_bytes(ctx.params), rel=0.01)

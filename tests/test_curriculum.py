@@ -8,7 +8,8 @@ import sys
 import pytest
 from conftest import load_config
 
-from pbbjax.config.schema import curriculum_config, domain_of
+from pbbjax.config.run_config import build_run_config, domain_of
+from pbbjax.config.schema import curriculum_config
 from pbbjax.data.curriculum import CURRICULA, CurriculumConfig, build_curriculum
 from pbbjax.data.tasks.base import get_domain
 
@@ -165,7 +166,7 @@ def test_config_errors(domains):
     c = load_config("configs/proactive.py")
     c.domain = "poetry"
     with pytest.raises(ValueError, match=r"unknown domain 'poetry' \(config field 'domain'\)"):
-        domain_of(c)
+        domain_of(build_run_config(c))
     assert sorted(CURRICULA) == sorted(["proactive", "retroactive", "mixture", "ad", "in_context"])
     assert curriculum_config(load_config("configs/ad.py")).ad_n == (1, 2, 4, 8, 16)  # the demo preset's N
 
@@ -252,7 +253,7 @@ def test_paper_presets_build_with_every_count(name):
     if name == "ad":
         c.data.ad_n = STUDIES["exchange-rate"].sizes["paper"]["data.ad_n"]
     data = c.data
-    cur = build_curriculum(domain_of(c), name, curriculum_config(c))
+    cur = build_curriculum(domain_of(build_run_config(c)), name, curriculum_config(c))
     n_train, n_eval = data.num_train_instructions, data.num_eval_instructions
     assert (len(cur.train_ids), len(cur.eval_ids)) == (n_train, n_eval)
     for set_name, ids in (("eval", cur.eval_ids), ("train", cur.train_ids)):

@@ -4,7 +4,8 @@ training."""
 
 from collections import Counter
 
-from pbbjax.config.schema import base_config, curriculum_config, domain_of, select_preset
+from pbbjax.config.run_config import build_run_config, domain_of
+from pbbjax.config.schema import base_config, curriculum_config, select_preset
 from pbbjax.data.curriculum import build_curriculum
 from pbbjax.studies.runner import load_config
 
@@ -17,7 +18,7 @@ def test_the_main_job_defaults_to_the_demo_preset():
 
 def test_demo_curriculum_counts():
     c = load_config("proactive", None)
-    cur = build_curriculum(domain_of(c), "proactive", curriculum_config(c))
+    cur = build_curriculum(domain_of(build_run_config(c)), "proactive", curriculum_config(c))
     assert (len(cur.train_ids), len(cur.eval_ids)) == (16, 8)
     for ins in cur.instructions.values():  # one statement: return x + c, with c in 1..30
         body = ins.text.strip().splitlines()[1:]

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from pbbjax.config import memory
+from pbbjax.config.run_config import build_run_config
 from pbbjax.config.schema import lora_config
 from pbbjax.models.architecture import LORA_TARGETS, LoRAConfig, ModelConfig
 from pbbjax.models.hf_io import load_model, save_model
@@ -233,7 +234,7 @@ def test_bad_lora_config_names_the_field():
 def test_memory_estimate_counts_adapters_only_in_the_optimizer():
     config = load_config("configs/proactive.py:qwen3-1.7b")
     config.model.lora.update(rank=16, base_dtype="bfloat16")
-    ctx = aot.build_context(config, jax.devices())  # 8 CPU devices: fsdp=8
+    ctx = aot.build_context(build_run_config(config), jax.devices())  # 8 CPU devices: fsdp=8
     est = memory.train_estimate(ctx.cfg, ctx.layout, batch=64, seq_len=1024)
     assert est["params"] == pytest.approx(aot.shard_bytes(ctx.params), rel=0.01)
     assert est["optimizer"] == pytest.approx(aot.shard_bytes(ctx.opt_state), rel=0.01)

@@ -102,10 +102,11 @@ def test_export_cli_merges_or_writes_the_adapters_for_peft(run, tmp_path):
 def test_evaluate_restores_the_adapters_the_checkpoint_names(run):
     import transformers
 
+    from pbbjax.config.run_config import build_run_config
     from pbbjax.training.restore import load_for_eval
 
     config = load_config("configs/proactive.py:tiny")  # no model.lora given: the checkpoint's fingerprint
-    model, _, label, _ = load_for_eval(config, run, stage="stage2")
+    model, _, label, _ = load_for_eval(build_run_config(config), run, stage="stage2")
     assert label == "stage2-step8" and model.cfg.lora.rank == 4
     ids = np.random.default_rng(1).integers(0, 1000, (2, 12))
     merged = transformers.AutoModelForCausalLM.from_pretrained(run / "export" / "stage2").eval()

@@ -301,11 +301,12 @@ def test_the_sandbox_mode_is_a_config_field(tmp_path):
     )
     assert done.returncode != 0 and "config field 'sandbox' is 'none'" in done.stderr
     try:
-        from pbbjax.config.schema import base_config, domain_of
+        from pbbjax.config.run_config import build_run_config, domain_of
+        from pbbjax.config.schema import base_config
 
         config = base_config("proactive")
         config.sandbox = "weak"
-        domain_of(config)
+        domain_of(build_run_config(config))
         assert sandbox.current_mode() == "weak"
     finally:
         sandbox.set_mode("strict")
@@ -317,7 +318,7 @@ ALLOWED = {
     ("pbbjax/data/tasks/sandbox_child.py", "exec"): "runs the program, inside the sandbox",
     ("pbbjax/data/tasks/sandbox_child.py", "compile"): "compiles the program, inside the sandbox",
     ("pbbjax/data/tasks/sandbox_child.py", "ctypes"): "the kernel calls that build the sandbox",
-    ("pbbjax/study.py", "exec_module"): "loads configs/*.py, code the user names on the command line",
+    ("pbbjax/studies/runner.py", "exec_module"): "loads configs/*.py, code the user names on the command",
     ("pbbjax/export.py", "ctypes"): "calls libc's mallopt, a fixed function with fixed arguments",
     ("pbbjax/local_pod.py", "subprocess"): "starts the user's own command as the hosts of a simulated pod",
 }

@@ -13,10 +13,12 @@ import pytest
 from conftest import load_config
 from test_metrics import read_tfrecords
 
+from pbbjax.config.run_config import build_run_config
+from pbbjax.config.sections import WandbConfig, profile_window, wandb_config
 from pbbjax.training import metrics as M
-from pbbjax.training.profiling import StepProfiler, profile_window
+from pbbjax.training.profiling import StepProfiler
 from pbbjax.training.run import train
-from pbbjax.training.tracking import RUN_ID_FILE, WandbConfig, wandb_config
+from pbbjax.training.tracking import RUN_ID_FILE
 
 FAKES = Path(__file__).parent / "fakes"
 
@@ -123,7 +125,7 @@ def test_bad_values_fail_before_any_work(fields, error, tmp_path):
     config = _config(**fields)
     config.workdir = str(tmp_path / "run")
     with pytest.raises(ValueError, match=error.replace("(", r"\(").replace("?", r"\?")):
-        train(config)
+        train(build_run_config(config))
     assert not (tmp_path / "run").exists()
 
 
@@ -132,7 +134,7 @@ def test_wandb_asked_for_but_not_installed(monkeypatch, tmp_path):
     config = _config(log__wandb="pbb")
     config.workdir = str(tmp_path / "run")
     with pytest.raises(ModuleNotFoundError, match=r"'log.wandb' .* pip install 'pbbjax\[wandb\]'"):
-        train(config)
+        train(build_run_config(config))
     assert not (tmp_path / "run").exists()
 
 

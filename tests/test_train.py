@@ -14,6 +14,7 @@ import pytest
 from conftest import load_config
 from safetensors.numpy import load_file
 
+from pbbjax.config.run_config import build_run_config
 from pbbjax.training.checkpoint import CheckpointMismatchError
 from pbbjax.training.runner import NonFiniteLossError, Runner
 
@@ -119,7 +120,9 @@ def test_profile_starting_beyond_the_run_is_an_error_before_training(tmp_path):
 
     config = load_config("configs/proactive.py:tiny")
     config.workdir, config.profile.steps = str(tmp_path), "999,2"
-    runner = Runner(config, tiny_model_dir(config.model.tiny.to_dict(), tmp_path, config.seed))
+    runner = Runner(
+        build_run_config(config), tiny_model_dir(config.model.tiny.to_dict(), tmp_path, config.seed)
+    )
     with pytest.raises(ValueError, match=r"'profile.steps' starts at step 999, but this run has \d+ steps"):
         runner.run()
     assert _logged_steps(tmp_path) == [] and runner.ckpt.latest_step() is None
@@ -147,7 +150,9 @@ def _runner(workdir, **train):
     config = load_config("configs/proactive.py:tiny")
     config.workdir = str(workdir)
     config.train.update(train)
-    return Runner(config, tiny_model_dir(config.model.tiny.to_dict(), Path(workdir), config.seed))
+    return Runner(
+        build_run_config(config), tiny_model_dir(config.model.tiny.to_dict(), Path(workdir), config.seed)
+    )
 
 
 def test_checkpoint_of_a_different_model_in_the_workdir(uninterrupted, tmp_path):
@@ -159,7 +164,7 @@ def test_checkpoint_of_a_different_model_in_the_workdir(uninterrupted, tmp_path)
     config.model.tiny.hidden_size = 32
     from pbbjax.models.tiny import tiny_model_dir
 
-    runner = Runner(config, tiny_model_dir(config.model.tiny.to_dict(), workdir, 0))
+    runner = Runner(build_run_config(config), tiny_model_dir(config.model.tiny.to_dict(), workdir, 0))
     expected = r"was written for hidden_size=64, this run has hidden_size=32"
     with pytest.raises(CheckpointMismatchError, match=expected):
         runner.run()
@@ -220,5 +225,5 @@ def test_remat_without_layer_scan_on_cpu_warns(scan, tmp_path, caplog):
     config.workdir = str(tmp_path)
     config.model.remat, config.model.scan_layers = "full", scan
     with caplog.at_level("WARNING", logger="pbbjax.training.runner"):
-        Runner(config, tiny_model_dir(config.model.tiny.to_dict(), tmp_path, config.seed))
+        Runner(build_run_config(config), tiny_model_dir(config.model.tiny.to_dict(), tmp_path, config.seed))
     assert ("model.remat=full without model.scan_layers" in caplog.text) is not scan

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from pbbjax import load_model, make_mesh
+from pbbjax.config.run_config import build_run_config
 from pbbjax.config.schema import base_config, select_preset
 from pbbjax.training import sft
 from pbbjax.training.checkpoint import Checkpointer
@@ -87,7 +88,7 @@ def test_compile_only_builds_the_state_a_run_builds():
 
     config = select_preset(base_config("proactive"), "tiny")
     config.mesh.update(dict(data=1, fsdp=4, tensor=2))
-    ctx = aot.build_context(config, jax.devices())
+    ctx = aot.build_context(build_run_config(config), jax.devices())
     import tempfile
     from pathlib import Path
 

@@ -19,6 +19,7 @@ from conftest import load_config
 from fsspec.implementations.memory import MemoryFileSystem
 from safetensors.numpy import load_file
 
+from pbbjax.config.run_config import build_run_config
 from pbbjax.core import storage
 from pbbjax.training import export
 from pbbjax.training import runner as runner_module
@@ -95,7 +96,7 @@ def test_run_on_a_gs_workdir_uploads_its_files_and_resumes_on_a_fresh_machine(gc
     config = load_config("configs/proactive.py:tiny")
     config.workdir = "gs://bucket/run"
     config.train.checkpoint_every = 2
-    records = train(config)
+    records = train(build_run_config(config))
     assert "gs://bucket/run/checkpoints" in checkpoint_urls
 
     files = _bucket_files(gcs)
@@ -116,7 +117,7 @@ def test_run_on_a_gs_workdir_uploads_its_files_and_resumes_on_a_fresh_machine(gc
         raise AssertionError("the restarted run evaluated again: results.json was not downloaded")
 
     monkeypatch.setattr(runner_module, "evaluate", no_evaluation)
-    assert train(config) == records
+    assert train(build_run_config(config)) == records
     mirror = storage.Workdir("gs://bucket/run").local
     assert mirror.is_relative_to(tmp_path / "fresh-vm") and (mirror / "results.json").exists()
 

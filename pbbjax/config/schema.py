@@ -32,10 +32,9 @@ import ml_collections
 from pbbjax.config.presets import LORA_PRESETS, MODELS, apply_paper
 from pbbjax.config.sections import GRPOConfig, OptimConfig
 from pbbjax.core.distributed import CLUSTER_DEFAULTS
-from pbbjax.data.curriculum import CURRICULA, CurriculumConfig, build_curriculum
+from pbbjax.data.curriculum import CURRICULA, CurriculumConfig
 from pbbjax.data.pipeline import PipelineConfig
 from pbbjax.data.tasks.base import _REGISTRY, get_domain
-from pbbjax.data.tasks.sandbox import set_mode as set_sandbox_mode
 from pbbjax.eval.harness import EvalConfig
 from pbbjax.models.architecture import LORA_TARGETS, LoRAConfig
 
@@ -266,32 +265,6 @@ def select_preset(c: ml_collections.ConfigDict, preset: str | Preset | None) -> 
     else:
         {"demo": _demo, "cpu": _cpu, "tiny": _tiny}[p.name](c)
     return c
-
-
-def domain_of(c: ml_collections.ConfigDict, field: str = "domain"):
-    """The domain that config field ``field`` names (``domain``, or ``data.stage1_domain``), built with its
-    ``domain_options``."""
-    set_sandbox_mode(c.sandbox)
-    name = c.domain if field == "domain" else c.data.stage1_domain
-    if name not in c.domain_options:
-        raise ValueError(
-            f"unknown domain {name!r} (config field {field!r}); domains: "
-            f"{', '.join(sorted(c.domain_options))}"
-        )
-    options = c.domain_options[name].to_dict()
-    if c.corpus:
-        if "leetcode" not in (c.domain, c.data.stage1_domain):
-            raise ValueError(f"config field 'corpus' is for the leetcode domain, not {c.domain!r}")
-        if name == "leetcode":
-            options["corpus"] = c.corpus
-    return get_domain(name, **options)
-
-
-def build_config_curriculum(c: ml_collections.ConfigDict):
-    """(the domain, the curriculum) that the config describes: every caller builds it this way."""
-    domain = domain_of(c)
-    stage1 = domain_of(c, "data.stage1_domain") if c.data.stage1_domain else None
-    return domain, build_curriculum(domain, c.curriculum, curriculum_config(c), stage1)
 
 
 def curriculum_config(c: ml_collections.ConfigDict) -> CurriculumConfig:

@@ -1,9 +1,12 @@
-"""The typed sections of a run's config that the training layer reads: the optimizer (``train.*``) and GRPO
-(``rl.*``). Each checks its own values when built."""
+"""Typed sections of a run's config that the training layer reads: the optimizer (``train.*``), GRPO
+(``rl.*``), Weights & Biases (``log.*``) and the profiler's window (``profile.steps``). Each checks its own
+values when built."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import re
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,3 +62,67 @@ class GRPOConfig:
             raise ValueError(f"rl.temperature must be > 0 (rollouts are sampled), got {self.temperature}")
         if self.num_iterations < 1 or self.prompts_per_step < 1 or self.max_new_tokens < 1:
             raise ValueError("rl.num_iterations, rl.prompts_per_step and rl.max_new_tokens must be >= 1")
+
+
+MODES = ("", "online", "offline", "disabled")
+# W&B refuses these characters in a project or entity name, and names longer than 128 characters
+_BAD_NAME = re.compile(r"[/\\#?%:]")
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    project: str
+    entity: str = ""
+    mode: str = ""
+
+
+def _check_name(field: str, value) -> None:
+    if not isinstance(value, str) or _BAD_NAME.search(value) or len(value) > 128:
+        raise ValueError(
+            f"config field '{field}' is {value!r}: expected a W&B name of at most 128 characters without "
+            "any of / \\ # ? % :"
+        )
+
+
+def wandb_config(config) -> WandbConfig | None:
+    """The run's wandb settings (None: off), checked; raises if ``wandb`` is asked for but not installed."""
+    log = config.log
+    for field in ("wandb", "wandb_entity"):
+        _check_name(f"log.{field}", log[field])
+    if log.wandb_mode not in MODES:
+        raise ValueError(
+            f"config field 'log.wandb_mode' is {log.wandb_mode!r}; expected one of "
+            f"{', '.join(repr(m) for m in MODES)} ('' = wandb's default: WANDB_MODE, else online)"
+        )
+    if not log.wandb:
+        return None
+    import_wandb()
+    return WandbConfig(project=log.wandb, entity=log.wandb_entity, mode=log.wandb_mode)
+
+
+def import_wandb():
+    try:
+        return importlib.import_module("wandb")
+    except ImportError as e:
+        raise ModuleNotFoundError(
+            f"config field 'log.wandb' asks for Weights & Biases, but the wandb package is not installed "
+            f"({e}): pip install 'pbbjax[wandb]' (or pip install wandb), or leave log.wandb empty"
+        ) from e
+
+
+def profile_window(config) -> tuple[int, int] | None:
+    """(START, COUNT) of ``profile.steps``; None when off. Raises ValueError naming the field."""
+    value = config.profile.steps
+    text = str(value).strip()
+    if text in ("", "0"):
+        return None
+    try:
+        start, count = (int(p) for p in text.split(","))
+    except ValueError:
+        start = count = None
+    if start is None or start < 1 or count < 1:
+        raise ValueError(
+            f"config field 'profile.steps' is {value!r}: expected START,COUNT (the first global step to "
+            "trace, from 1 as in metrics.jsonl, and how many steps; e.g. 10,5), or '' for no trace"
+        )
+    return start, count

@@ -12,7 +12,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from pbbjax.config.schema import build_config_curriculum
+from pbbjax.config.run_config import build_config_curriculum, build_run_config
 from pbbjax.core import console
 from pbbjax.data.dump import dump, format_table
 from pbbjax.models.default_model import default_model_path
@@ -27,7 +27,7 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, console.VERBOSE_HELP)
 
 def build(config):
     """The curriculum the config describes."""
-    return build_config_curriculum(config)[1]
+    return build_config_curriculum(build_run_config(config))[1]
 
 
 def main(argv):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 
+from pbbjax.config.run_config import build_run_config
 from pbbjax.config.schema import Preset
 from pbbjax.studies.catalog import COMMON, Arm, Run, Study
 from pbbjax.studies.report import report
@@ -156,7 +157,7 @@ class StudyRunner:
             config = self.config(run, 0)
             config.compile_only_topology = topology
             print(f"== {self.study.name}: {run.name} ({command_of(run, self.preset, {})})", flush=True)
-            if aot.run(config):
+            if aot.run(build_run_config(config)):
                 failed.append(run.name)
         print(
             f"\n{self.study.name} on {topology}: "
@@ -189,7 +190,7 @@ class StudyRunner:
                 f"[{i}/{len(todo)}] {self.study.name}: {run.name} seed {seed} ({config.workdir})", flush=True
             )
             start = time.perf_counter()
-            records = train(config)
+            records = train(build_run_config(config))
             path = self.records_path(run, seed)
             path.parent.mkdir(parents=True, exist_ok=True)
             data = {"run": run.name, "seed": seed, "config_digest": digest(config), "records": records}

@@ -34,7 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pbbjax.config import memory, presets
-from pbbjax.config.schema import lora_config, optim_config, param_dtype, rl_config
+from pbbjax.config.run_config import RunConfig
 from pbbjax.core.tables import format_table
 from pbbjax.data.pipeline import FEATURES
 from pbbjax.inference import sampler as sampling
@@ -56,7 +56,7 @@ GENERATIONS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5": "v5p", "TPU v5p":
 class Context:
     """What every step builder needs: the config, the model's config and abstract state, the mesh."""
 
-    config: Any  # the run's ml_collections.ConfigDict
+    config: RunConfig
     cfg: ModelConfig
     mesh: Mesh
     layout: memory.Layout
@@ -108,7 +108,7 @@ def sft_steps(ctx: Context) -> list[Step]:
 def sampler_steps(ctx: Context) -> list[Step]:
     """The sampler on one evaluation batch, prompts as long as a training row (the worst case)."""
     ev = ctx.config.eval
-    new = max(ev.max_new_tokens, ev.get("cot_max_new_tokens", 0))
+    new = max(ev.max_new_tokens, ev.cot_max_new_tokens)
     return [sample_step(ctx, "sample (prefill+decode)", ev.batch_size, ctx.config.pipeline.seq_len, new)]
 
 
@@ -150,9 +150,9 @@ def grpo_steps(ctx: Context) -> list[Step]:
     """The GRPO update (``training/grpo.py``) on one batch of rollouts (prompts of up to
     ``rl.max_prompt_len`` tokens, bucketed as ``rollout_batch`` does, + ``rl.max_new_tokens``), and the
     rollout sampler; only for configs with GRPO stages."""
-    if not ctx.config.rl.stages:
+    if not ctx.config.rl_stages:
         return []
-    rl = rl_config(ctx.config)
+    rl = ctx.config.rl
     optimizer, schedule = grpo_optimizer(ctx.optim, rl, rl.steps)  # the same AdamW tree as ctx.opt_state
     shardings = sft.state_shardings(ctx.state)
     fn = make_grpo_step(ctx.graphdef, optimizer, rl, schedule, shardings, ctx.mesh)
@@ -212,22 +212,22 @@ def usable_hbm(devices) -> tuple[str, int]:
     return gen, int(presets.USABLE_HBM_GIB[gen] * GIB * chips / len(devices))
 
 
-def model_config(config) -> ModelConfig:
+def model_config(config: RunConfig) -> ModelConfig:
     """The model's shape: ``model.config_file``, else the config.json of the directory the run would load
     (``model.path``, the tiny preset's fields over the default model's vocabulary, or the default model)."""
     m = config.model
     options = dict(
-        param_dtype=param_dtype(config),
-        compute_dtype=m.compute_dtype or m.dtype,
+        param_dtype=m.param_dtype,
+        compute_dtype=config.compute_dtype,
         scan_layers=m.scan_layers,
         remat=m.remat,
-        lora=lora_config(config),
+        lora=m.lora,
     )
     if m.config_file:
         return presets.load_model_config(m.config_file, **options)
     if m.tiny:
         vocab = ModelConfig.from_dir(default_model_path()).vocab_size
-        return ModelConfig.from_hf({**m.tiny.to_dict(), "vocab_size": vocab}, **options)
+        return ModelConfig.from_hf({**m.tiny, "vocab_size": vocab}, **options)
     path = m.path or default_model_path()
     if not os.path.isdir(path):
         raise ValueError(
@@ -238,16 +238,16 @@ def model_config(config) -> ModelConfig:
     return ModelConfig.from_dir(path, **options)
 
 
-def build_context(config, devices) -> Context:
+def build_context(config: RunConfig, devices) -> Context:
     """The mesh on ``devices``, the abstract model and train state laid out on it, the optimizer."""
     m = config.mesh
     try:
-        mesh = make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+        mesh = make_mesh(m["data"], m["fsdp"], m["tensor"], devices=devices)
     except ValueError as e:
         raise ValueError(f"config field 'mesh' on topology {config.compile_only_topology}: {e}") from None
     layout = memory.Layout(*(mesh.shape[a] for a in ("data", "fsdp", "tensor")))
     cfg = model_config(config)
-    optim = optim_config(config)
+    optim = config.train.optim
     sft.check_batch(config.pipeline.batch_size, optim, mesh)
     graphdef, params = abstract_model(cfg, mesh)
     optimizer = sft.make_optimizer(optim, 1000)
@@ -305,7 +305,7 @@ def compile_step(step: Step, hbm: int) -> dict:
 COLUMNS = ["step", "arguments", "outputs", "aliased", "temporaries", "code", "resident", "total", "estimate"]
 
 
-def run(config) -> int:
+def run(config: RunConfig) -> int:
     """Compile every step for ``config.compile_only_topology``, print the report; 0 if all fit, else 1."""
     devices = topology_devices(config.compile_only_topology)
     gen, hbm = usable_hbm(devices)

@@ -23,9 +23,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from pbbjax.config.sections import WandbConfig
 from pbbjax.core.tables import json_value
 from pbbjax.models.architecture import ModelConfig
-from pbbjax.training.tracking import WandbConfig, start_wandb
+from pbbjax.training.tracking import start_wandb
 
 # Dense bf16 peak FLOP/s of one chip, from the vendors' spec sheets. The H100/H200 figure is the SXM
 # part's (an H100 PCIe peaks at 756e12: pass that as the override). CPUs have no entry: their peak is

@@ -21,24 +21,6 @@ import jax
 log = logging.getLogger(__name__)
 
 
-def profile_window(config) -> tuple[int, int] | None:
-    """(START, COUNT) of ``profile.steps``; None when off. Raises ValueError naming the field."""
-    value = config.profile.steps
-    text = str(value).strip()
-    if text in ("", "0"):
-        return None
-    try:
-        start, count = (int(p) for p in text.split(","))
-    except ValueError:
-        start = count = None
-    if start is None or start < 1 or count < 1:
-        raise ValueError(
-            f"config field 'profile.steps' is {value!r}: expected START,COUNT (the first global step to "
-            "trace, from 1 as in metrics.jsonl, and how many steps; e.g. 10,5), or '' for no trace"
-        )
-    return start, count
-
-
 class StepProfiler:
     """Starts a trace before the window's first step, stops it after its last (or at a stage's end)."""
 

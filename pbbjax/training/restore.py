@@ -11,7 +11,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from pbbjax.config.schema import build_config_curriculum, eval_config, param_dtype, pipeline_config
+from pbbjax.config.run_config import RunConfig, build_config_curriculum
 from pbbjax.core.storage import orbax_path
 from pbbjax.eval.harness import EvalJob, evaluate, results_table
 from pbbjax.eval.plots import write_plots
@@ -23,14 +23,14 @@ from pbbjax.training import sft
 from pbbjax.training.export import checkpoint_lora, find_checkpoints, read_info, select_checkpoint
 
 
-def model_from_checkpoint(source: Path, step_dir: Path, config, mesh):
+def model_from_checkpoint(source: Path, step_dir: Path, config: RunConfig, mesh):
     """The model of ``source``'s config.json with the parameters saved in an Orbax checkpoint step
     directory, each restored straight into its shard (no base weights are read); with the LoRA adapters
     the checkpoint's fingerprint names."""
     cfg = ModelConfig.from_dir(
         source,
-        param_dtype=param_dtype(config),
-        compute_dtype=config.model.compute_dtype or config.model.dtype,
+        param_dtype=config.model.param_dtype,
+        compute_dtype=config.compute_dtype,
         lora=checkpoint_lora(read_info(step_dir)),
         generation_config=json.loads(p.read_text())
         if (p := source / "generation_config.json").is_file()
@@ -45,7 +45,7 @@ def model_from_checkpoint(source: Path, step_dir: Path, config, mesh):
     return nnx.merge(graphdef, params)
 
 
-def load_for_eval(config, checkpoint: Path, stage=None, step=None):
+def load_for_eval(config: RunConfig, checkpoint: Path, stage=None, step=None):
     """(model with the checkpoint's parameters, tokenizer, label, default output directory)."""
     mesh = make_mesh(**config.mesh)
     if (checkpoint / "config.json").is_file():  # a Hugging Face directory
@@ -69,7 +69,7 @@ def _default() -> str:
 
 
 def evaluate_checkpoint(
-    config, checkpoint: Path, stage=None, step=None, out: Path | None = None
+    config: RunConfig, checkpoint: Path, stage=None, step=None, out: Path | None = None
 ) -> list[dict]:
     """Evaluate the model of ``checkpoint`` (an HF directory or a run's Orbax checkpoint; ``stage`` /
     ``step`` pick one) on ``config``'s curriculum and return the records; process 0 prints the table and
@@ -88,9 +88,9 @@ def evaluate_checkpoint(
         tokenizer,
         domain,
         curriculum,
-        eval_config(config),
-        eval_step=sft.make_eval_step(graphdef, config.train.loss_mode),
-        seq_len=pipeline_config(config).seq_len,
+        config.eval,
+        eval_step=sft.make_eval_step(graphdef, config.train.optim.loss_mode),
+        seq_len=config.pipeline.seq_len,
         put=put,
         cot=config.data.cot,
     )

