@@ -60,6 +60,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pbbjax.inference.stops import cut_at_stop, stop_token_sequences
+from pbbjax.models.layers import KVCache
 from pbbjax.models.sharding import batch_shards, logical_to_spec
 
 _CONTINUE, _EOS, _STOP = 0, 1, 2
@@ -75,6 +76,23 @@ class Generation(NamedTuple):
     ended: np.ndarray  # bool [rows]: ended by EOS or a stop sequence; False: ran out of max_new_tokens
     eos: np.ndarray  # int32 [rows]: the EOS id that ended the row (dropped from tokens), -1 if none did
     steps: int  # decode steps run, <= max_new_tokens; fewer when every row ended early
+
+
+class DecodeState(NamedTuple):
+    """The carry of the decode loop, which chooses token ``i`` of every row per step."""
+
+    i: jax.Array  # int32: tokens chosen so far
+    tokens: jax.Array  # int32 [B, max_new_tokens]: chosen tokens, pad_id where a row has ended
+    logprobs: jax.Array  # float32 [B, max_new_tokens]: their log-probs, 0 where a row has ended
+    lengths: jax.Array  # int32 [B]: tokens kept; max_new_tokens until the row ends
+    ended: jax.Array  # bool [B]: ended by EOS or a stop sequence
+    done: jax.Array  # bool [B]: ended, or a dummy row
+    window: jax.Array  # int32 [B, W]: the last W tokens chosen, matched against the stop sequences
+    eos: jax.Array  # int32 [B]: the EOS id that ended the row, -1 if none did
+    logits: jax.Array  # float32 [B, V]: to choose token i from
+    positions: jax.Array  # int32 [B]: the position of token i
+    cache: tuple[KVCache, ...]
+    key_valid: jax.Array  # bool [B, slots]: cache slots that hold real tokens
 
 
 def prompt_bucket(n: int, minimum: int = 16) -> int:
@@ -240,7 +258,6 @@ def sample_program(
     pad_id, *, max_new_tokens, filtered, unstack,
 ):  # fmt: skip
     model = nnx.merge(graphdef, params)
-    mesh = model.mesh
     b, p_len = tokens.shape
     layers = model.unstacked_layers() if unstack else None
 
@@ -249,10 +266,10 @@ def sample_program(
         x, cache = model.cached_hidden_states(ids, positions, cache, index, key_valid, layers)
         return model.logits(x[:, -1:])[:, 0], cache
 
-    caches = model.empty_cache(b, p_len + max_new_tokens)
+    cache = model.empty_cache(b, p_len + max_new_tokens)
     key_valid = jnp.zeros((b, p_len + max_new_tokens), bool).at[:, :p_len].set(mask.astype(bool))
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    logits, caches = forward(tokens, positions, caches, 0, key_valid)
+    logits, cache = forward(tokens, positions, cache, 0, key_valid)
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
 
     def choose(logits, i):
@@ -269,56 +286,60 @@ def sample_program(
 
         return jax.lax.cond(temperature > 0, sample, greedy)
 
-    def record(state, logits):
-        """Choose token ``i`` of every row and book-keep ends; rows already ended write padding."""
-        i, out, logps, lengths, ended, done, window, eos = state
-        nxt, logp = choose(logits, i)
-        window = jnp.concatenate([window[:, 1:], nxt[:, None]], axis=1)
+    def record(s: DecodeState) -> tuple[DecodeState, jax.Array]:
+        """Choose token ``s.i`` of every row and book-keep ends; rows already ended write padding."""
+        i, done = s.i, s.done
+        nxt, logp = choose(s.logits, i)
+        window = jnp.concatenate([s.window[:, 1:], nxt[:, None]], axis=1)
         hit = jnp.all((stop_seqs[None] == window[:, None]) | (stop_seqs[None] == _ANY), -1).any(-1)
         end = jnp.where(end_codes[nxt] == _CONTINUE, jnp.where(hit, _STOP, _CONTINUE), end_codes[nxt])
         end = jnp.where(done, _CONTINUE, end)
         keep = ~done & (end != _EOS)
-        out = out.at[:, i].set(jnp.where(keep, nxt, pad_id))
-        logps = logps.at[:, i].set(jnp.where(keep, logp, 0.0))
-        lengths = jnp.where(end != _CONTINUE, i + (end == _STOP), lengths)
-        ended = ended | (end != _CONTINUE)
-        eos = jnp.where(end == _EOS, nxt, eos)
-        return (i + 1, out, logps, lengths, ended, done | (end != _CONTINUE), window, eos), nxt
+        s = s._replace(
+            i=i + 1,
+            tokens=s.tokens.at[:, i].set(jnp.where(keep, nxt, pad_id)),
+            logprobs=s.logprobs.at[:, i].set(jnp.where(keep, logp, 0.0)),
+            lengths=jnp.where(end != _CONTINUE, i + (end == _STOP), s.lengths),
+            ended=s.ended | (end != _CONTINUE),
+            done=done | (end != _CONTINUE),
+            window=window,
+            eos=jnp.where(end == _EOS, nxt, s.eos),
+        )
+        return s, nxt
 
-    def step(carry):
-        state, logits, pos, caches, key_valid = carry
-        state, nxt = record(state, logits)
-        i = state[0] - 1
-        key_valid = key_valid.at[:, p_len + i].set(True)
-        logits, caches = forward(nxt[:, None], pos[:, None], caches, p_len + i, key_valid)
-        return state, logits, pos + 1, caches, key_valid
+    def step(s: DecodeState) -> DecodeState:
+        index = p_len + s.i
+        s, nxt = record(s)
+        key_valid = s.key_valid.at[:, index].set(True)
+        logits, cache = forward(nxt[:, None], s.positions[:, None], s.cache, index, key_valid)
+        return s._replace(logits=logits, positions=s.positions + 1, cache=cache, key_valid=key_valid)
 
-    def cond(carry):
-        state = carry[0]
-        return (state[0] < max_new_tokens - 1) & ~jnp.all(state[5])
+    def cond(s: DecodeState):
+        return (s.i < max_new_tokens - 1) & ~jnp.all(s.done)
 
-    state = (
-        jnp.int32(0),
-        jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-        jnp.zeros((b, max_new_tokens), jnp.float32),
-        jnp.full((b,), max_new_tokens, jnp.int32),
-        jnp.zeros((b,), bool),
-        ~live,
-        jnp.full((b, stop_seqs.shape[1]), _WINDOW_EMPTY, jnp.int32),
-        jnp.full((b,), -1, jnp.int32),
+    state = DecodeState(
+        i=jnp.int32(0),
+        tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+        logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
+        lengths=jnp.full((b,), max_new_tokens, jnp.int32),
+        ended=jnp.zeros((b,), bool),
+        done=~live,
+        window=jnp.full((b, stop_seqs.shape[1]), _WINDOW_EMPTY, jnp.int32),
+        eos=jnp.full((b,), -1, jnp.int32),
+        logits=logits,
+        positions=positions[:, -1] + 1,
+        cache=cache,
+        key_valid=key_valid,
     )
-    state, logits, *_ = jax.lax.while_loop(
-        cond, step, (state, logits, positions[:, -1] + 1, caches, key_valid)
-    )
+    state = jax.lax.while_loop(cond, step, state)
     # The last token needs no forward after it: chosen outside the loop (a no-op if every row has ended).
-    all_done = jnp.all(state[5])
-    final, _ = record(state, logits)
-    i, out, logps, lengths, ended, _, _, eos = final
-    outputs = out, logps, lengths, ended & live, eos, jnp.where(all_done, state[0], i)
-    if mesh is None:
+    final, _ = record(state)
+    steps = jnp.where(jnp.all(state.done), state.i, final.i)
+    outputs = final.tokens, final.logprobs, final.lengths, final.ended & live, final.eos, steps
+    if model.mesh is None:
         return outputs
     # Replicated, so that every host can read every row (on a pod, rows live on other hosts' devices).
-    return jax.lax.with_sharding_constraint(outputs, NamedSharding(mesh, PartitionSpec()))
+    return jax.lax.with_sharding_constraint(outputs, NamedSharding(model.mesh, PartitionSpec()))
 
 
 def generate_tokens(
