@@ -1,6 +1,6 @@
-"""LoRA: adapters against peft on the transformers model, merged export against transformers, the frozen base
-(no gradient, no optimizer state, bit-identical after training), sharding, GRPO, the runner's resume and
-export CLI, the memory estimate, and the errors of a bad ``model.lora`` config."""
+"""LoRA: adapters against peft on the transformers model, merged export against transformers, the sampler,
+the frozen base (no gradient, no optimizer state, bit-identical after training), sharding, GRPO, the
+runner's resume and export CLI, the memory estimate, and the errors of a bad ``model.lora`` config."""
 
 import importlib.util
 import json
@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from pbbjax.config import memory
 from pbbjax.config.run_config import build_run_config
 from pbbjax.config.schema import lora_config
+from pbbjax.inference.sampler import generate_arrays
 from pbbjax.models.architecture import LORA_TARGETS, LoRAConfig, ModelConfig
 from pbbjax.models.hf_io import load_model, save_model
 from pbbjax.models.lora import LoRAParam, trainable_split
@@ -68,6 +69,19 @@ def test_peft_adapter_and_merged_export_give_pbbjax_logits(hf_dirs, tmp_path, na
     save_model(model, tmp_path / "merged")
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert np.abs(hf_logits(merged, ids) - ours).max() < TOL
+
+
+def test_sampler_runs_the_adapters(hf_dirs):
+    """Greedy decoding with random adapters on every projection: the sampler's tokens and log-probs are
+    the full forward's over the sequence it produced."""
+    model, _ = load_model(hf_dirs["qwen2_tied"][1], tokenizer=False, lora=LoRAConfig(rank=4, alpha=8.0))
+    _randomise_adapters(model)
+    prompt, new = [5, 17, 33, 4, 9], 8
+    g = generate_arrays(model, [prompt], new, eos_ids=(), pad_id=0)
+    logits = np.asarray(model(np.asarray([prompt + g.tokens[0].tolist()])))[0, len(prompt) - 1 : -1]
+    logps = np.asarray(jax.nn.log_softmax(logits, -1))
+    assert g.tokens[0].tolist() == logits.argmax(-1).tolist()
+    np.testing.assert_allclose(g.logprobs[0], logps[np.arange(new), g.tokens[0]], rtol=0, atol=TOL)
 
 
 def test_optimizer_state_holds_only_the_adapters_sharded_like_their_base(hf_dirs):

@@ -4,8 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY, hf_logits
+from flax import nnx
 
 from pbbjax import load_model
+from pbbjax.models.architecture import LoRAConfig
+from pbbjax.models.lora import LoRAParam
 
 TOL = 1e-4  # max |Δlogit| in fp32
 
@@ -93,11 +96,21 @@ def test_bfloat16_params_and_compute(hf_dirs):
     assert np.abs(np.asarray(mixed(ids)) - ref).mean() < 0.05 * np.abs(ref).mean()
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "qwen3_head_dim", "qwen2_tied"])
-def test_kv_cache_decode_equals_full_forward(hf_dirs, name):
-    """Prefill half, then one token per step through the cache: the same logits as one full forward."""
+@pytest.mark.parametrize(
+    "name,lora",
+    [("llama_gqa", False), ("qwen3_head_dim", False), ("qwen2_tied", False), ("qwen2_tied", True)],
+)
+def test_kv_cache_decode_equals_full_forward(hf_dirs, name, lora):
+    """The sampler's path: prefill half, then one token per step through the KV cache; the same logits as
+    one full forward (with LoRA: random adapters on every projection, o_proj's included)."""
     _, path = hf_dirs[name]
-    model, _ = load_model(path)
+    model, _ = load_model(path, lora=LoRAConfig(rank=4) if lora else None)
+    if lora:
+        rng = np.random.default_rng(0)
+        state = nnx.state(model, LoRAParam)
+        for _, var in nnx.to_flat_state(state):
+            var.set_value(jnp.asarray(rng.normal(0, 0.05, var.shape), var.dtype))
+        nnx.update(model, state)
     t, half = 16, 7
     ids = _ids(TINY[name]["vocab_size"], (2, t), seed=7)
     mask = np.ones((2, t), np.int32)
@@ -105,11 +118,19 @@ def test_kv_cache_decode_equals_full_forward(hf_dirs, name):
     full = np.asarray(model(ids, attention_mask=mask))
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
     valid = jnp.asarray(mask.astype(bool))
-    logits, cache = model.decode(ids[:, :half], positions[:, :half], model.init_cache(2, t), 0, valid)
-    steps = [np.asarray(logits)]
+    layers = model.unstacked_layers()
+    hidden, cache = model.cached_hidden_states(
+        ids[:, :half], positions[:, :half], model.empty_cache(2, t), 0, valid, layers
+    )
+    steps = [np.asarray(model.logits(hidden))]
     for i in range(half, t):
-        logits, cache = model.decode(ids[:, i : i + 1], positions[:, i : i + 1], cache, i, valid)
-        steps.append(np.asarray(logits))
+        hidden, cache = model.cached_hidden_states(
+            ids[:, i : i + 1], positions[:, i : i + 1], cache, i, valid
+        )
+        steps.append(np.asarray(model.logits(hidden)))
     cached = np.concatenate(steps, axis=1)
     real = mask.astype(bool)
     assert np.abs(cached - full)[real].max() <= TOL
+    if lora:
+        base, _ = load_model(path)
+        assert np.abs(np.asarray(base(ids, attention_mask=mask)) - full)[real].max() > 100 * TOL

@@ -7,13 +7,12 @@ One call, one jitted program:
   powers of two), so a new batch of a similar length reuses the compiled program. With a mesh
   (``model.mesh``), rows are sharded over the mesh axes of the logical ``batch`` axis (``data`` + ``fsdp``):
   the row count is padded up to a multiple of their size with dummy rows, dropped afterwards.
-- Prefill writes the prompts into a static KV cache (per layer: keys ``[rows, kv_heads, head_dim, slots]``,
-  values ``[rows, kv_heads, slots, head_dim]``, laid out by the same rules: rows over ``data`` + ``fsdp``,
-  KV heads over ``tensor``) and takes LM-head logits at the last position only. A ``lax.while_loop`` then
-  decodes one token per step, writing its keys and values into the cache in place, and stops as soon as
-  every row has ended (EOS or a stop sequence) or ``max_new_tokens`` tokens are out. Nothing in the loop
-  syncs with the host. The layer math is ``layers.DecoderLayer``'s (its projections, norms and MLP are
-  called as they are); only the attention over the cache is the sampler's own (``_layer_step``).
+- Prefill writes the prompts into a static KV cache (``Transformer.empty_cache``: per layer a
+  ``layers.KVCache``, laid out by the same rules: rows over ``data`` + ``fsdp``, KV heads over ``tensor``)
+  and takes LM-head logits at the last position only. A ``lax.while_loop`` then decodes one token per
+  step, writing its keys and values into the cache in place, and stops as soon as every row has ended (EOS
+  or a stop sequence) or ``max_new_tokens`` tokens are out. Nothing in the loop syncs with the host. Both
+  run the model's own layers (``Transformer.cached_hidden_states``).
 - Greedy at ``temperature=0``; otherwise each step samples from ``process_logits`` (temperature, then
   top-k, then top-p). Each row draws from its own key (the seed's key folded with the row's index, then
   with the step), so a row's sample does not depend on the batch around it, on padding or on sharding.
@@ -61,14 +60,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pbbjax.inference.stops import cut_at_stop, stop_token_sequences
-from pbbjax.models.architecture import resolve_dtype
-from pbbjax.models.decoder import ACT
-from pbbjax.models.layers import rms_norm, rope_cos_sin, rope_inv_freq
-from pbbjax.models.sharding import batch_shards, constrain, logical_to_spec
+from pbbjax.models.layers import KVCache
+from pbbjax.models.sharding import batch_shards, logical_to_spec
 
-# KV cache layouts: keys [rows, kv_heads, head_dim, slots], values [rows, kv_heads, slots, head_dim].
-K_AXES = ("batch", "kv_heads", "head_dim", "length")
-V_AXES = ("batch", "kv_heads", "length", "head_dim")
 _CONTINUE, _EOS, _STOP = 0, 1, 2
 _WINDOW_EMPTY, _NEVER, _ANY = -3, -2, -1  # stop-sequence window fill, a never-matching entry, a wildcard
 
@@ -82,6 +76,23 @@ class Generation(NamedTuple):
     ended: np.ndarray  # bool [rows]: ended by EOS or a stop sequence; False: ran out of max_new_tokens
     eos: np.ndarray  # int32 [rows]: the EOS id that ended the row (dropped from tokens), -1 if none did
     steps: int  # decode steps run, <= max_new_tokens; fewer when every row ended early
+
+
+class DecodeState(NamedTuple):
+    """The carry of the decode loop, which chooses token ``i`` of every row per step."""
+
+    i: jax.Array  # int32: tokens chosen so far
+    tokens: jax.Array  # int32 [B, max_new_tokens]: chosen tokens, pad_id where a row has ended
+    logprobs: jax.Array  # float32 [B, max_new_tokens]: their log-probs, 0 where a row has ended
+    lengths: jax.Array  # int32 [B]: tokens kept; max_new_tokens until the row ends
+    ended: jax.Array  # bool [B]: ended by EOS or a stop sequence
+    done: jax.Array  # bool [B]: ended, or a dummy row
+    window: jax.Array  # int32 [B, W]: the last W tokens chosen, matched against the stop sequences
+    eos: jax.Array  # int32 [B]: the EOS id that ended the row, -1 if none did
+    logits: jax.Array  # float32 [B, V]: to choose token i from
+    positions: jax.Array  # int32 [B]: the position of token i
+    cache: tuple[KVCache, ...]
+    key_valid: jax.Array  # bool [B, slots]: cache slots that hold real tokens
 
 
 def prompt_bucket(n: int, minimum: int = 16) -> int:
@@ -241,72 +252,24 @@ def generate_arrays(
     return Generation(*(np.asarray(x)[:r] for x in (out, logps, lengths, ended, eos)), int(steps))
 
 
-def _layer_step(layer, x, cos, sin, mask, k_cache, v_cache, index):
-    """One decoder layer (``layers.DecoderLayer``'s math) over a KV cache: writes this step's keys and values
-    at slot ``index``, attends over the cache. The cache layouts are the ones the two attention dots read
-    as they are, so no step transposes the cache (XLA:CPU would copy it per layer per step)."""
-    eps = layer.cfg.rms_norm_eps
-    q, k, v = layer.attn.project_qkv(rms_norm(x, layer.input_norm[...], eps), cos, sin)
-    b, t, n, hd = q.shape
-    kv = k.shape[2]
-    k_cache = jax.lax.dynamic_update_slice(
-        k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype), (0, 0, 0, index)
-    )
-    v_cache = jax.lax.dynamic_update_slice(
-        v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0)
-    )
-    # Query rows grouped per KV head: [B, K, G*T, H], row g*T + t (GQA as in layers.attention_weights).
-    q = q.reshape(b, t, kv, n // kv, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, n // kv * t, hd)
-    scores = jnp.einsum("bkqh,bkhs->bkqs", q, k_cache, preferred_element_type=jnp.float32) * (hd**-0.5)
-    scores = jnp.where(jnp.tile(mask, (1, n // kv, 1))[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bkqs,bksh->bkqh", probs, v_cache)
-    out = out.reshape(b, kv, n // kv, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, n * hd)
-    y = out @ layer.attn.o_proj[...].reshape(n * hd, -1).astype(out.dtype)
-    if layer.cfg.o_bias:
-        y = y + layer.attn.o_bias[...].astype(y.dtype)
-    x = x + y
-    return x + layer.mlp(rms_norm(x, layer.post_attn_norm[...], eps)), k_cache, v_cache
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "filtered", "unstack"))
 def sample_program(
     graphdef, params, tokens, mask, live, row_ids, end_codes, stop_seqs, key, temperature, top_k, top_p,
     pad_id, *, max_new_tokens, filtered, unstack,
 ):  # fmt: skip
     model = nnx.merge(graphdef, params)
-    cfg, mesh = model.cfg, model.mesh
     b, p_len = tokens.shape
-    slots = p_len + max_new_tokens
-    layer_def, layer_state = nnx.split(model.layers)
+    layers = model.unstacked_layers() if unstack else None
 
-    def layer_params(i):
-        return jax.tree.map(lambda a: a[i], layer_state)
+    def forward(ids, positions, cache, index, key_valid):
+        """ids [B, T] written at cache slot ``index`` -> (fp32 logits of the last position [B, V], cache)."""
+        x, cache = model.cached_hidden_states(ids, positions, cache, index, key_valid, layers)
+        return model.logits(x[:, -1:])[:, 0], cache
 
-    hoisted = [layer_params(i) for i in range(cfg.num_layers)] if unstack else None
-    inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
-
-    def forward(ids, positions, caches, index, key_valid):
-        """ids [B, T] written at cache slot ``index`` -> (fp32 logits of the last position [B, V], caches)."""
-        cos, sin = rope_cos_sin(positions, inv_freq)
-        q_slots = index + jnp.arange(ids.shape[1])
-        attn_mask = (jnp.arange(slots)[None, :] <= q_slots[:, None])[None] & key_valid[:, None, :]
-        x = model.embed_tokens(ids)
-        new = []
-        for i, (k, v) in enumerate(caches):
-            layer = nnx.merge(layer_def, hoisted[i] if unstack else layer_params(i))
-            x, k, v = _layer_step(layer, x, cos, sin, attn_mask, k, v, index)
-            new.append((constrain(k, mesh, K_AXES), constrain(v, mesh, V_AXES)))
-            x = constrain(x, mesh, ACT)
-        return model.logits(x[:, -1:])[:, 0], tuple(new)
-
-    dtype = resolve_dtype(cfg.compute_dtype)
-    k0 = jnp.zeros((b, cfg.num_kv_heads, cfg.head_dim, slots), dtype)
-    v0 = jnp.zeros((b, cfg.num_kv_heads, slots, cfg.head_dim), dtype)
-    caches = tuple((constrain(k0, mesh, K_AXES), constrain(v0, mesh, V_AXES)) for _ in range(cfg.num_layers))
-    key_valid = jnp.zeros((b, slots), bool).at[:, :p_len].set(mask.astype(bool))
+    cache = model.empty_cache(b, p_len + max_new_tokens)
+    key_valid = jnp.zeros((b, p_len + max_new_tokens), bool).at[:, :p_len].set(mask.astype(bool))
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    logits, caches = forward(tokens, positions, caches, 0, key_valid)
+    logits, cache = forward(tokens, positions, cache, 0, key_valid)
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
 
     def choose(logits, i):
@@ -323,56 +286,60 @@ def sample_program(
 
         return jax.lax.cond(temperature > 0, sample, greedy)
 
-    def record(state, logits):
-        """Choose token ``i`` of every row and book-keep ends; rows already ended write padding."""
-        i, out, logps, lengths, ended, done, window, eos = state
-        nxt, logp = choose(logits, i)
-        window = jnp.concatenate([window[:, 1:], nxt[:, None]], axis=1)
+    def record(s: DecodeState) -> tuple[DecodeState, jax.Array]:
+        """Choose token ``s.i`` of every row and book-keep ends; rows already ended write padding."""
+        i, done = s.i, s.done
+        nxt, logp = choose(s.logits, i)
+        window = jnp.concatenate([s.window[:, 1:], nxt[:, None]], axis=1)
         hit = jnp.all((stop_seqs[None] == window[:, None]) | (stop_seqs[None] == _ANY), -1).any(-1)
         end = jnp.where(end_codes[nxt] == _CONTINUE, jnp.where(hit, _STOP, _CONTINUE), end_codes[nxt])
         end = jnp.where(done, _CONTINUE, end)
         keep = ~done & (end != _EOS)
-        out = out.at[:, i].set(jnp.where(keep, nxt, pad_id))
-        logps = logps.at[:, i].set(jnp.where(keep, logp, 0.0))
-        lengths = jnp.where(end != _CONTINUE, i + (end == _STOP), lengths)
-        ended = ended | (end != _CONTINUE)
-        eos = jnp.where(end == _EOS, nxt, eos)
-        return (i + 1, out, logps, lengths, ended, done | (end != _CONTINUE), window, eos), nxt
+        s = s._replace(
+            i=i + 1,
+            tokens=s.tokens.at[:, i].set(jnp.where(keep, nxt, pad_id)),
+            logprobs=s.logprobs.at[:, i].set(jnp.where(keep, logp, 0.0)),
+            lengths=jnp.where(end != _CONTINUE, i + (end == _STOP), s.lengths),
+            ended=s.ended | (end != _CONTINUE),
+            done=done | (end != _CONTINUE),
+            window=window,
+            eos=jnp.where(end == _EOS, nxt, s.eos),
+        )
+        return s, nxt
 
-    def step(carry):
-        state, logits, pos, caches, key_valid = carry
-        state, nxt = record(state, logits)
-        i = state[0] - 1
-        key_valid = key_valid.at[:, p_len + i].set(True)
-        logits, caches = forward(nxt[:, None], pos[:, None], caches, p_len + i, key_valid)
-        return state, logits, pos + 1, caches, key_valid
+    def step(s: DecodeState) -> DecodeState:
+        index = p_len + s.i
+        s, nxt = record(s)
+        key_valid = s.key_valid.at[:, index].set(True)
+        logits, cache = forward(nxt[:, None], s.positions[:, None], s.cache, index, key_valid)
+        return s._replace(logits=logits, positions=s.positions + 1, cache=cache, key_valid=key_valid)
 
-    def cond(carry):
-        state = carry[0]
-        return (state[0] < max_new_tokens - 1) & ~jnp.all(state[5])
+    def cond(s: DecodeState):
+        return (s.i < max_new_tokens - 1) & ~jnp.all(s.done)
 
-    state = (
-        jnp.int32(0),
-        jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-        jnp.zeros((b, max_new_tokens), jnp.float32),
-        jnp.full((b,), max_new_tokens, jnp.int32),
-        jnp.zeros((b,), bool),
-        ~live,
-        jnp.full((b, stop_seqs.shape[1]), _WINDOW_EMPTY, jnp.int32),
-        jnp.full((b,), -1, jnp.int32),
+    state = DecodeState(
+        i=jnp.int32(0),
+        tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+        logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
+        lengths=jnp.full((b,), max_new_tokens, jnp.int32),
+        ended=jnp.zeros((b,), bool),
+        done=~live,
+        window=jnp.full((b, stop_seqs.shape[1]), _WINDOW_EMPTY, jnp.int32),
+        eos=jnp.full((b,), -1, jnp.int32),
+        logits=logits,
+        positions=positions[:, -1] + 1,
+        cache=cache,
+        key_valid=key_valid,
     )
-    state, logits, *_ = jax.lax.while_loop(
-        cond, step, (state, logits, positions[:, -1] + 1, caches, key_valid)
-    )
+    state = jax.lax.while_loop(cond, step, state)
     # The last token needs no forward after it: chosen outside the loop (a no-op if every row has ended).
-    all_done = jnp.all(state[5])
-    final, _ = record(state, logits)
-    i, out, logps, lengths, ended, _, _, eos = final
-    outputs = out, logps, lengths, ended & live, eos, jnp.where(all_done, state[0], i)
-    if mesh is None:
+    final, _ = record(state)
+    steps = jnp.where(jnp.all(state.done), state.i, final.i)
+    outputs = final.tokens, final.logprobs, final.lengths, final.ended & live, final.eos, steps
+    if model.mesh is None:
         return outputs
     # Replicated, so that every host can read every row (on a pod, rows live on other hosts' devices).
-    return jax.lax.with_sharding_constraint(outputs, NamedSharding(mesh, PartitionSpec()))
+    return jax.lax.with_sharding_constraint(outputs, NamedSharding(model.mesh, PartitionSpec()))
 
 
 def generate_tokens(

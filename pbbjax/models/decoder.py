@@ -9,6 +9,9 @@ Masks: ``attention_mask`` [B, T] (1 = token, 0 = padding; left padding for gener
 later, both are real tokens, and both lie in the same segment. Positions default to the index of the
 token among the real tokens of its row (or of its segment), which makes a left-padded row compute the
 same logits as the unpadded sequence.
+
+Generation runs ``cached_hidden_states``: the same layers, unrolled, over a KV cache (``empty_cache``,
+``layers.KVCache``) that each call extends by its tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pbbjax.models.architecture import ModelConfig, resolve_dtype
-from pbbjax.models.layers import DecoderLayer, make_param, rms_norm, rope_cos_sin, rope_inv_freq
+from pbbjax.models.layers import DecoderLayer, KVCache, make_param, rms_norm, rope_cos_sin, rope_inv_freq
 from pbbjax.models.sharding import constrain
 
 REMAT_POLICIES = {
@@ -30,6 +33,8 @@ REMAT_POLICIES = {
 }
 
 ACT = ("batch", "length", "act_embed")
+K_AXES = ("batch", "kv_heads", "head_dim", "length")  # KVCache keys
+V_AXES = ("batch", "kv_heads", "length", "head_dim")  # KVCache values
 
 
 def default_positions(attention_mask: jax.Array | None, segment_ids: jax.Array | None, shape) -> jax.Array:
@@ -109,33 +114,50 @@ class Transformer(nnx.Module):
         mask = causal_mask(attention_mask, segment_ids, shape)
         x = self.embed_tokens(input_ids)
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers)
-        return self.run_layers(lambda layer, h, key: (layer(h, cos, sin, mask, key), None), x, keys)[0]
+        return self.run_layers(lambda layer, h, key: layer(h, cos, sin, mask, key), x, keys)[0]
 
-    def decode(self, input_ids, positions, cache: dict, index, key_valid):
-        """A forward over ``input_ids`` [B, T] written into a KV cache at ``index`` (prefill when T > 1,
-        one decode step when T = 1). ``cache`` = {"k", "v": [layers, B, S, kv_heads, head_dim]};
-        ``key_valid`` [B, S] marks cache slots holding real tokens (left padding is not). Query t sits at
-        slot ``index + t`` and attends to valid slots up to its own. Returns (fp32 logits, new cache)."""
-        t, s = input_ids.shape[1], key_valid.shape[1]
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg.rope, self.cfg.head_dim))
-        slots = index + jnp.arange(t)
-        mask = (jnp.arange(s)[None, :] <= slots[:, None])[None] & key_valid[:, None, :].astype(bool)
-
-        def layer_fn(layer, h, kv):
-            return layer.decode(h, cos, sin, mask, kv[0], kv[1], index)
-
-        x, (k, v) = self.run_layers(layer_fn, self.embed_tokens(input_ids), (cache["k"], cache["v"]))
-        return self.logits(x), {"k": k, "v": v}
-
-    def init_cache(self, batch: int, length: int) -> dict:
+    def empty_cache(self, batch: int, slots: int) -> tuple[KVCache, ...]:
+        """A zero KV cache of ``slots`` positions for ``batch`` rows, one ``KVCache`` per layer, in the
+        compute dtype; on a mesh, rows over ``data`` + ``fsdp`` and KV heads over ``tensor``."""
         cfg = self.cfg
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
         dtype = resolve_dtype(cfg.compute_dtype)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        k = jnp.zeros((batch, cfg.num_kv_heads, cfg.head_dim, slots), dtype)
+        v = jnp.zeros((batch, cfg.num_kv_heads, slots, cfg.head_dim), dtype)
+        return (self.constrain_cache(KVCache(k, v)),) * cfg.num_layers
+
+    def constrain_cache(self, cache: KVCache) -> KVCache:
+        return KVCache(constrain(cache.k, self.mesh, K_AXES), constrain(cache.v, self.mesh, V_AXES))
+
+    def unstacked_layers(self) -> list[DecoderLayer]:
+        """One ``DecoderLayer`` per layer, its parameters sliced out of the stacked ones."""
+        graphdef, state = nnx.split(self.layers)
+        return [
+            nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(self.cfg.num_layers)
+        ]
+
+    def cached_hidden_states(
+        self, input_ids, positions, cache: tuple[KVCache, ...], index, key_valid, layers=None
+    ) -> tuple[jax.Array, tuple[KVCache, ...]]:
+        """A forward over ``input_ids`` [B, T] through a KV cache (``empty_cache``): a prefill when T > 1,
+        one decode step when T = 1. Query t sits at slot ``index + t``, writes its keys and values there and
+        attends to the slots up to its own that ``key_valid`` [B, S] (bool) marks as real tokens (left
+        padding is not). Layers run unrolled; ``layers``: ``unstacked_layers()``, when the caller sliced
+        them already (default: sliced here). Returns (the last layer's output [B, T, D], the new cache)."""
+        layers = self.unstacked_layers() if layers is None else layers
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg.rope, self.cfg.head_dim))
+        q_slots = index + jnp.arange(input_ids.shape[1])
+        mask = (jnp.arange(key_valid.shape[1])[None, :] <= q_slots[:, None])[None] & key_valid[:, None, :]
+        x = self.embed_tokens(input_ids)
+        new = []
+        for layer, layer_cache in zip(layers, cache, strict=True):
+            x, layer_cache = layer(x, cos, sin, mask, cache=layer_cache, index=index)
+            new.append(self.constrain_cache(layer_cache))
+            x = constrain(x, self.mesh, ACT)
+        return x, tuple(new)
 
     def run_layers(self, fn, x: jax.Array, per_layer=None):
         """(x, ys) <- fn(layer_i, x, per_layer[i]) for each layer, scanned or unrolled, rematerialised per
-        layer; ``per_layer`` arrays have a leading layers axis (e.g. a KV cache), ``ys`` are stacked."""
+        layer; ``per_layer`` arrays have a leading layers axis (e.g. dropout keys), ``ys`` are stacked."""
         graphdef, state = nnx.split(self.layers)
 
         def body(carry, xs):

@@ -8,11 +8,17 @@ parameters carry a leading ``layers`` axis because layers are stored stacked, se
 
 RoPE uses Hugging Face's split-half (``rotate_half``) layout, so HF q/k weights load without permutation.
 With ``cfg.lora``, the targeted projections also carry LoRA adapters (``lora.py``), added to their outputs.
+
+Attention runs over the sequence itself (training, scoring) or, given a ``KVCache`` (generation), writes the
+new keys and values into the cache and attends over it. The cache layouts (keys ``[B, kv_heads, head_dim,
+slots]``, values ``[B, kv_heads, slots, head_dim]``) are the ones the two attention dots read as they are,
+so no decode step transposes the cache (XLA:CPU would copy it per layer per step).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +96,13 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1)
 
 
+class KVCache(NamedTuple):
+    """One layer's KV cache."""
+
+    k: jax.Array  # keys [B, kv_heads, head_dim, slots]
+    v: jax.Array  # values [B, kv_heads, slots, head_dim]
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, stack: int | None = None):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -128,26 +141,46 @@ class Attention(nnx.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, key=None) -> jax.Array:
-        """Attention over keys/values [B,S,K,H] (the sequence itself, or a KV cache) -> [B,T,D]."""
+        """Attention over the sequence's own keys/values [B,T,K,H]; ``mask`` [B,T,T] -> [B,T,D]."""
         b, t, n, h = q.shape
         probs = attention_weights(q, k, mask).astype(v.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
         y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(v.dtype))
+        return self.o_adapter_and_bias(out, y, key)
+
+    def attend_cache(self, q, k, v, mask: jax.Array, cache: KVCache, index) -> tuple[jax.Array, KVCache]:
+        """Writes ``k``, ``v`` [B,T,K,H] at slots ``index`` .. ``index + T - 1`` of ``cache``, then attends
+        over all its slots; ``mask`` [B,T,S] -> ([B,T,D], the updated cache)."""
+        b, t, n, hd = q.shape
+        kv, g = k.shape[2], n // k.shape[2]
+        k_cache = jax.lax.dynamic_update_slice(
+            cache.k, k.transpose(0, 2, 3, 1).astype(cache.k.dtype), (0, 0, 0, index)
+        )
+        v_cache = jax.lax.dynamic_update_slice(
+            cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), (0, 0, index, 0)
+        )
+        # Query rows grouped per KV head: [B, K, G*T, H], row g*T + t (GQA as in attention_weights).
+        q = q.reshape(b, t, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)
+        scores = jnp.einsum("bkqh,bkhs->bkqs", q, k_cache, preferred_element_type=jnp.float32) * (hd**-0.5)
+        scores = jnp.where(jnp.tile(mask, (1, g, 1))[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+        out = jnp.einsum("bkqs,bksh->bkqh", probs, v_cache)
+        out = out.reshape(b, kv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, n * hd)
+        y = out @ self.o_proj[...].reshape(n * hd, -1).astype(out.dtype)
+        return self.o_adapter_and_bias(out.reshape(b, t, n, hd), y), KVCache(k_cache, v_cache)
+
+    def o_adapter_and_bias(self, out: jax.Array, y: jax.Array, key=None) -> jax.Array:
+        """``y`` = ``out`` [B,T,N,H] through o_proj, plus o_proj's adapter and bias where it has them."""
         y = lora.apply(self, "o_proj", out, y, key)
-        if self.cfg.o_bias:
-            y = y + self.o_bias[...].astype(v.dtype)
-        return y
+        return y + self.o_bias[...].astype(y.dtype) if self.cfg.o_bias else y
 
-    def __call__(self, x, cos, sin, mask, key=None):
+    def __call__(self, x, cos, sin, mask, key=None, cache: KVCache | None = None, index=0):
+        """x [B,T,D] -> (y [B,T,D], the updated cache, or None without one). Without a cache, ``mask`` is
+        [B,T,T] over the sequence; with one, [B,T,S] over its slots, and ``x`` sits at slot ``index``."""
         q, k, v = self.project_qkv(x, cos, sin, key)
-        return self.attend(q, k, v, mask, key)
-
-    def decode(self, x, cos, sin, mask, k_cache, v_cache, index):
-        """Write this step's keys/values at slot ``index`` of the cache, then attend over the cache."""
-        q, k, v = self.project_qkv(x, cos, sin)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-        return self.attend(q, k_cache, v_cache, mask), k_cache, v_cache
+        if cache is None:
+            return self.attend(q, k, v, mask, key), None
+        return self.attend_cache(q, k, v, mask, cache, index)
 
 
 class MLP(nnx.Module):
@@ -183,17 +216,10 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = make_param(rngs, (cfg.hidden_size,), ("norm",), cfg, "ones", stack)
         self.mlp = MLP(cfg, rngs=rngs, stack=stack)
 
-    def __call__(self, x, cos, sin, mask, key=None):
-        """``key``: this layer's adapter-dropout key (training with ``lora.dropout`` only)."""
+    def __call__(self, x, cos, sin, mask, key=None, cache: KVCache | None = None, index=0):
+        """-> (x, the updated cache or None), as ``Attention``; ``key``: this layer's adapter-dropout key
+        (training with ``lora.dropout`` only)."""
         eps = self.cfg.rms_norm_eps
-        x = x + self.attn(rms_norm(x, self.input_norm[...], eps), cos, sin, mask, key)
-        return x + self.mlp(rms_norm(x, self.post_attn_norm[...], eps), key)
-
-    def decode(self, x, cos, sin, mask, k_cache, v_cache, index):
-        """The layer with a KV cache: returns (x, (k_cache, v_cache))."""
-        eps = self.cfg.rms_norm_eps
-        y, k_cache, v_cache = self.attn.decode(
-            rms_norm(x, self.input_norm[...], eps), cos, sin, mask, k_cache, v_cache, index
-        )
+        y, cache = self.attn(rms_norm(x, self.input_norm[...], eps), cos, sin, mask, key, cache, index)
         x = x + y
-        return x + self.mlp(rms_norm(x, self.post_attn_norm[...], eps)), (k_cache, v_cache)
+        return x + self.mlp(rms_norm(x, self.post_attn_norm[...], eps), key), cache
