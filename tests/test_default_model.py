@@ -13,6 +13,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
+import pbbjax.models.default_model as default_model
 import pbbjax.models.gguf_import as gguf_import
 from pbbjax.models.default_model import (
     DefaultModelNotInstalledError,
@@ -161,7 +162,7 @@ def test_second_call_reuses_the_cache(model_dir, cache_dir, monkeypatch):
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(gguf_import, "gguf_to_hf", no_conversion)
+    monkeypatch.setattr(default_model, "gguf_to_hf", no_conversion)
     before = {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()}
     assert set(before) >= {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
     # a crashed conversion's leftover beside the finished one changes nothing
@@ -197,14 +198,14 @@ def test_crash_leftovers_and_failed_conversion(tmp_path, monkeypatch):
         (out_dir / "model.safetensors").write_bytes(b"half written")
         raise RuntimeError("killed mid-conversion")
 
-    monkeypatch.setattr(gguf_import, "gguf_to_hf", crash)
+    monkeypatch.setattr(default_model, "gguf_to_hf", crash)
     with pytest.raises(RuntimeError, match="killed"):
         default_model_path(tmp_path)
     assert not (tmp_path / name).exists()
     assert not stale.exists() and fresh.exists()  # old crash debris removed, a possibly live one kept
     assert sorted(p.name for p in tmp_path.iterdir()) == [fresh.name]
 
-    monkeypatch.setattr(gguf_import, "gguf_to_hf", _fake_converter(calls))
+    monkeypatch.setattr(default_model, "gguf_to_hf", _fake_converter(calls))
     path = default_model_path(tmp_path)
     assert path == tmp_path / name and (path / "config.json").read_text() == "{}"
     assert default_model_path(tmp_path) == path and len(calls) == 1
@@ -219,7 +220,7 @@ def test_losing_the_race_uses_the_winners_copy(tmp_path, monkeypatch):
         (tmp_path / name / "config.json").write_text('"winner"')
         (out_dir / "config.json").write_text('"loser"')
 
-    monkeypatch.setattr(gguf_import, "gguf_to_hf", slow_convert)
+    monkeypatch.setattr(default_model, "gguf_to_hf", slow_convert)
     path = default_model_path(tmp_path)
     assert (path / "config.json").read_text() == '"winner"'
     assert [p.name for p in tmp_path.iterdir()] == [name]
@@ -227,7 +228,7 @@ def test_losing_the_race_uses_the_winners_copy(tmp_path, monkeypatch):
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(gguf_import, "gguf_to_hf", _fake_converter(calls))
+    monkeypatch.setattr(default_model, "gguf_to_hf", _fake_converter(calls))
     monkeypatch.setenv("PBBJAX_CACHE_DIR", str(tmp_path / "env"))
     assert default_model_path().parent == tmp_path / "env"
     assert default_model_path(tmp_path / "arg").parent == tmp_path / "arg"
