@@ -13,6 +13,7 @@ import pytest
 from conftest import TINY
 from flax import nnx
 
+from pbbjax.core.tables import format_table
 from pbbjax.models.architecture import ModelConfig
 from pbbjax.models.decoder import Transformer
 from pbbjax.training import metrics as M
@@ -235,7 +236,7 @@ def test_format_table():
         {"task": "ciphers", "accuracy": None, "n": 1024, "note": "skipped"},
         {"task": "grammars", "accuracy": 1.5e-5, "n": 8},
     ]
-    table = M.format_table(rows, ["task", "accuracy", "n", "note"])
+    table = format_table(rows, ["task", "accuracy", "n", "note"])
     assert table.splitlines() == [
         "task         accuracy     n  note",
         "----------  ---------  ----  -------",
@@ -243,5 +244,5 @@ def test_format_table():
         "ciphers             -  1024  skipped",
         "grammars    1.500e-05     8",
     ]
-    assert M.format_table([], ["a", "bb"]).splitlines() == ["a  bb", "-  --"]
+    assert format_table([], ["a", "bb"]).splitlines() == ["a  bb", "-  --"]
     assert M.format_duration(59.6) == "1m00s" and M.format_duration(7500) == "2h05m"
