@@ -43,6 +43,9 @@ FORMAT_VERSION = 1
 _MISSING = "<missing>"
 
 
+ASYNC_SAVE_TIMEOUT_S = 6 * 3600
+
+
 class CheckpointError(RuntimeError):
     """No checkpoint in the directory can be read."""
 
@@ -138,6 +141,9 @@ class Checkpointer:
             cleanup_tmp_directories=True,  # half-written steps of a killed run
             create=True,
             multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0),
+            # Orbax's default (20 min, wall clock) fails a save whose process was suspended meanwhile:
+            # a laptop asleep, a paused job. Hung hosts are jax.distributed's heartbeat's to find.
+            async_options=ocp.AsyncOptions(timeout_secs=ASYNC_SAVE_TIMEOUT_S),
         )
         items = ("state", "meta", "info")
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=items)
