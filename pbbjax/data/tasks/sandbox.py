@@ -6,7 +6,7 @@ time limit. Results come back as JSON; a call that raises, times out, kills its 
 the sandbox or returns something JSON cannot encode gets an error instead of a value, and the remaining
 calls still run (in a new process if the old one died).
 
-Every place where code from data runs goes through ``run_calls`` (``tests/test_sandbox.py`` scans the
+Every place where code from data runs goes through ``run_calls`` (``tests/data/test_sandbox.py`` scans the
 package for any other way to run code and fails on it):
 - ground-truth targets: ``ArithmeticDomain.execute_many`` (generated programs, compositions),
   ``CiphersDomain.execute``, ``LeetcodeDomain.execute`` (kzleet or the user's ``corpus``);

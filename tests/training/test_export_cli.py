@@ -31,7 +31,7 @@ from pbbjax.training.export import (
     find_checkpoints,
 )
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 # Three steps a stage, a checkpoint every two: steps 2, 3 (end of stage1), 5, 6 (end of stage2); 3 kept.
 RUN = [
     "--config",

@@ -248,7 +248,7 @@ CHILD = textwrap.dedent(
 
 def test_save_killed_midway_is_ignored(tmp_path):
     path = tmp_path / "ck"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "JAX_PLATFORMS": "cpu"}
     with subprocess.Popen(
         [sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, env=env, text=True
     ) as child:

@@ -265,7 +265,7 @@ def test_bad_lora_field_on_the_command_line_fails_before_any_compute(tmp_path):
     cmd = [sys.executable, "-m", "pbbjax.train", "--config", "configs/proactive.py:tiny",
            "--config.model.lora.rank=4", "--config.model.lora.targets=q_proj,qkv_proj",
            f"--config.workdir={tmp_path}"]  # fmt: skip
-    root = Path(__file__).parent.parent
+    root = Path(__file__).parents[2]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "model.lora.targets ['q_proj', 'qkv_proj']: ['qkv_proj'] match no weight" in done.stderr
@@ -279,7 +279,7 @@ def test_compile_only_tiny_lora_on_one_v5e_chip():
 
     cmd = [sys.executable, "-m", "pbbjax.train", "--config", "configs/proactive.py:tiny",
            "--config.model.lora.rank=4", "--config.compile_only_topology=v5e-1"]  # fmt: skip
-    done = subprocess.run(cmd, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "1 devices (TPU v5 lite)" in done.stdout and "LoRA rank 4 on q_proj," in done.stdout
     assert "all steps fit" in done.stdout

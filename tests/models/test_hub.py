@@ -16,7 +16,7 @@ import pbbjax.export
 from pbbjax.models import hub
 from pbbjax.training.export import export_checkpoint
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 RUN = ["--config", "configs/proactive.py:tiny", "--config.train.steps=2", "--config.train.checkpoint_every=2"]
 
 

@@ -42,7 +42,7 @@ TINY = (
     "--config.cluster.heartbeat_timeout_s=10",
 )  # fmt: skip
 FINAL = "export/stage2"
-FAKES = Path(__file__).parent / "fakes"  # a recording stand-in for wandb
+FAKES = Path(__file__).parents[1] / "fakes"  # a recording stand-in for wandb
 
 
 def train(processes, devices, workdir, *extra, check=True):
@@ -132,7 +132,7 @@ def test_lora_run_on_the_pod_equals_one_process(tmp_path):
 def test_grpo_updates_on_the_pod_equal_one_process(hf_dirs, tmp_path):
     """A reward the tiny model earns (the preset's task reward is always 0 for a random model), so that
     rollouts gathered across hosts, advantages and updates are all compared."""
-    script = str(Path(__file__).parent / "pod_scripts" / "grpo_toy.py")
+    script = str(Path(__file__).parents[1] / "pod_scripts" / "grpo_toy.py")
     model = str(hf_dirs["llama_gqa"][1])
     results = {}
     for processes, devices in ((2, 4), (1, 8)):

@@ -280,7 +280,7 @@ def test_a_refused_mechanism_stops_every_run_until_weak_mode_is_chosen():
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -290,7 +290,7 @@ def test_a_refused_mechanism_stops_every_run_until_weak_mode_is_chosen():
 
 
 def test_the_sandbox_mode_is_a_config_field(tmp_path):
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]
     command = [sys.executable, "-m", "pbbjax.data", "--config", str(root / "configs" / "proactive.py")]
     done = subprocess.run(
         [*command, "--config.sandbox=none", "--out", str(tmp_path / "out")],
@@ -345,7 +345,7 @@ def _uses(tree: ast.AST):
 
 
 def test_code_from_data_runs_only_in_the_sandbox():
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]
     found = set()
     for path in sorted((root / "pbbjax").rglob("*.py")):
         relative = path.relative_to(root).as_posix()

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 from pbbjax.training.export import export_checkpoint
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 LORA = (
     "--config", "configs/proactive.py:tiny",
     "--config.train.steps=4",

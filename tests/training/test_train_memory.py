@@ -4,7 +4,7 @@ XLA's own memory analysis (the independent reference) and ``pbbjax.config.memory
 import importlib.util
 from pathlib import Path
 
-SCRIPT = Path(__file__).parent.parent / "scripts" / "train_memory.py"
+SCRIPT = Path(__file__).parents[2] / "scripts" / "train_memory.py"
 
 
 def _script():

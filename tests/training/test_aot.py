@@ -19,7 +19,7 @@ from pbbjax.core import storage
 from pbbjax.models.sharding import make_mesh
 from pbbjax.training import aot
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 CURRICULA = ["proactive", "retroactive", "mixture", "ad"]
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,

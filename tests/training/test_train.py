@@ -18,7 +18,7 @@ from pbbjax.config.run_config import build_run_config
 from pbbjax.training.checkpoint import CheckpointMismatchError
 from pbbjax.training.runner import NonFiniteLossError, Runner
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 TINY = ["--config", "configs/proactive.py:tiny", "--config.train.checkpoint_every=2"]
 
 
@@ -92,7 +92,7 @@ def test_sigkill_mid_stage_then_restart_ends_with_the_same_parameters(uninterrup
 def test_profile_and_wandb_change_nothing_in_the_run(uninterrupted, tmp_path):
     """profile.steps writes a jax.profiler trace of those steps, log.wandb (the recording stand-in of
     tests/fakes) gets every metric of metrics.jsonl, and the run ends exactly as the uninterrupted one."""
-    fakes = str(Path(__file__).parent / "fakes")
+    fakes = str(Path(__file__).parents[1] / "fakes")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [fakes, os.environ.get("PYTHONPATH")]))}
     out = _train(tmp_path, "--config.profile.steps=2,3", "--config.log.wandb=pbb-tests", env=env)
     assert "profile: traced steps 2-4 into" in out

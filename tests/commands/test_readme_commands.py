@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 WORKDIR = "runs/proactive-arithmetic-seed0"  # the README's (relative) default workdir
 # what an INFO line looks like on stderr: absl's format, logging's, and the noise the README's users saw
 INFO = re.compile(

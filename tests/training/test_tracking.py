@@ -20,7 +20,7 @@ from pbbjax.training.profiling import StepProfiler
 from pbbjax.training.run import train
 from pbbjax.training.tracking import RUN_ID_FILE
 
-FAKES = Path(__file__).parent / "fakes"
+FAKES = Path(__file__).parents[1] / "fakes"
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from pbbjax.studies.report import (
 )
 from pbbjax.training.checkpoint import Checkpointer
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 
 
 def run_tiny(name, tmp_path, *extra, seeds=1):
