@@ -28,7 +28,7 @@ from pbbjax.data.tasks.base import get_domain
 from pbbjax.data.tasks.sandbox import MODES as SANDBOX_MODES
 from pbbjax.data.tasks.sandbox import set_mode as set_sandbox_mode
 from pbbjax.eval.harness import EvalConfig
-from pbbjax.models.architecture import LoRAConfig
+from pbbjax.models.architecture import ATTENTION_KERNELS, LoRAConfig
 from pbbjax.models.decoder import REMAT_POLICIES
 
 REMAT = tuple(REMAT_POLICIES)
@@ -43,6 +43,7 @@ class ModelSettings:
     param_dtype: str  # the base parameters' dtype (LoRA: model.lora.base_dtype, else dtype)
     scan_layers: bool
     remat: str
+    attention: str  # "auto", "xla", "splash" (TPU) or "cudnn" (GPU): the self-attention kernel
     tiny: dict  # HF config.json fields of a tiny random model ({} = none)
     lora: LoRAConfig | None
 
@@ -98,6 +99,8 @@ def build_run_config(c: ml_collections.ConfigDict) -> RunConfig:
     """``c`` checked and typed, section by section; a ``ValueError`` names the first bad field."""
     _check(c.sandbox in SANDBOX_MODES, "sandbox", c.sandbox, " or ".join(map(repr, SANDBOX_MODES)))
     _check(c.model.remat in REMAT, "model.remat", c.model.remat, " or ".join(map(repr, REMAT)))
+    kernels = " or ".join(map(repr, ATTENTION_KERNELS))
+    _check(c.model.attention in ATTENTION_KERNELS, "model.attention", c.model.attention, kernels)
     _check(c.distributed in ("auto", "on", "off"), "distributed", c.distributed, "'auto', 'on' or 'off'")
     for field in ("epochs", "checkpoint_every", "keep_checkpoints"):
         _check(c.train[field] >= 1, f"train.{field}", c.train[field], "at least 1")
@@ -112,6 +115,7 @@ def build_run_config(c: ml_collections.ConfigDict) -> RunConfig:
         param_dtype=param_dtype(c),
         scan_layers=m.scan_layers,
         remat=m.remat,
+        attention=m.attention,
         tiny=m.tiny.to_dict() if m.tiny else {},
         lora=lora_config(c),
     )

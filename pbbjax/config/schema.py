@@ -92,7 +92,14 @@ def base_config(curriculum: str, **data_overrides) -> ml_collections.ConfigDict:
     c.compile_only_topology = ""
     # config_file: a config.json giving the model's shape without weights ("" = the one in model.path)
     c.model = dict(
-        path="", config_file="", dtype="float32", compute_dtype="", scan_layers=False, remat="none", tiny={}
+        path="",
+        config_file="",
+        dtype="float32",
+        compute_dtype="",
+        scan_layers=False,
+        remat="none",
+        attention="auto",  # self-attention kernel: auto (by platform), xla, splash (TPU), cudnn (GPU)
+        tiny={},
     )
     # LoRA (rank > 0): adapters on the `targets` projections in `dtype`, the base frozen in `base_dtype`
     # ("" = dtype); dropout: on the adapters' input in SFT steps (none in evaluation, sampling or GRPO)

@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+ATTENTION_KERNELS = ("auto", "xla", "splash", "cudnn")  # model.attention; see attention.py
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -101,6 +102,7 @@ class ModelConfig:
     compute_dtype: str = "float32"
     scan_layers: bool = False
     remat: str = "none"  # see decoder.REMAT_POLICIES
+    attention: str = "auto"  # the self-attention kernel, one of ATTENTION_KERNELS (attention.py)
     lora: LoRAConfig | None = None  # adapters on the projections; the base weights are then frozen
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
     # generation_config.json of the source directory (eos ids etc.), written back on export.
@@ -114,6 +116,8 @@ class ModelConfig:
             )
         resolve_dtype(self.param_dtype)
         resolve_dtype(self.compute_dtype)
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"model.attention is {self.attention!r}; expected one of {ATTENTION_KERNELS}")
         for name in self.lora.targets if self.lora else ():
             fan_in, fan_out = self.projection_dims(name)
             if self.lora.rank > min(fan_in, fan_out):

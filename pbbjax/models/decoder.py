@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from pbbjax.models import attention
 from pbbjax.models.architecture import ModelConfig, resolve_dtype
 from pbbjax.models.layers import DecoderLayer, KVCache, make_param, rms_norm, rope_cos_sin, rope_inv_freq
 from pbbjax.models.sharding import constrain
@@ -48,18 +49,6 @@ def default_positions(attention_mask: jax.Array | None, segment_ids: jax.Array |
     if attention_mask is not None:
         return jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
     return jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
-
-
-def causal_mask(attention_mask: jax.Array | None, segment_ids: jax.Array | None, shape) -> jax.Array:
-    """[B, T, T] boolean: query t may attend key s."""
-    b, t = shape
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-    if attention_mask is not None:
-        valid = attention_mask.astype(bool)
-        mask = mask & valid[:, None, :] & valid[:, :, None]
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids > 0)[:, None, :]
-    return mask
 
 
 class Transformer(nnx.Module):
@@ -111,7 +100,8 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = default_positions(attention_mask, segment_ids, shape)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg.rope, self.cfg.head_dim))
-        mask = causal_mask(attention_mask, segment_ids, shape)
+        segments = attention.segments_of(attention_mask, segment_ids, shape)
+        mask = attention.self_attention_mask(self.cfg.attention, segments, self.mesh, self.cfg.compute_dtype)
         x = self.embed_tokens(input_ids)
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers)
         return self.run_layers(lambda layer, h, key: layer(h, cos, sin, mask, key), x, keys)[0]

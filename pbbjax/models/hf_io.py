@@ -86,6 +86,7 @@ def load_model(
     compute_dtype: str | None = None,
     scan_layers: bool = False,
     remat: str = "none",
+    attention: str = "auto",
     tokenizer: bool = True,
     lora: LoRAConfig | None = None,
 ):
@@ -103,6 +104,7 @@ def load_model(
         compute_dtype=compute_dtype or dtype,
         scan_layers=scan_layers,
         remat=remat,
+        attention=attention,
         lora=lora,
         generation_config=_read_json(path / "generation_config.json") or {},
     )

@@ -9,7 +9,8 @@ parameters carry a leading ``layers`` axis because layers are stored stacked, se
 RoPE uses Hugging Face's split-half (``rotate_half``) layout, so HF q/k weights load without permutation.
 With ``cfg.lora``, the targeted projections also carry LoRA adapters (``lora.py``), added to their outputs.
 
-Attention runs over the sequence itself (training, scoring) or, given a ``KVCache`` (generation), writes the
+Attention runs over the sequence itself (training, scoring; by the kernel ``model.attention`` picks,
+``attention.py``) or, given a ``KVCache`` (generation), writes the
 new keys and values into the cache and attends over it. The cache layouts (keys ``[B, kv_heads, head_dim,
 slots]``, values ``[B, kv_heads, slots, head_dim]``) are the ones the two attention dots read as they are,
 so no decode step transposes the cache (XLA:CPU would copy it per layer per step).
@@ -26,6 +27,7 @@ from flax import nnx
 
 from pbbjax.models import lora
 from pbbjax.models.architecture import ModelConfig, RopeConfig, resolve_dtype
+from pbbjax.models.attention import SelfAttentionMask, self_attention
 
 _INIT_STD = 0.02
 
@@ -86,16 +88,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax(q k^T / sqrt(h)) with GQA. q [B,T,N,H], k [B,S,K,H], mask [B,T,S] -> [B,K,G,T,S] fp32."""
-    b, t, n, h = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, n // kv, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1)
-
-
 class KVCache(NamedTuple):
     """One layer's KV cache."""
 
@@ -140,11 +132,9 @@ class Attention(nnx.Module):
             k = rms_norm(k, self.k_norm[...], self.cfg.rms_norm_eps)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, key=None) -> jax.Array:
-        """Attention over the sequence's own keys/values [B,T,K,H]; ``mask`` [B,T,T] -> [B,T,D]."""
-        b, t, n, h = q.shape
-        probs = attention_weights(q, k, mask).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+    def attend(self, q, k, v, mask: SelfAttentionMask, key=None) -> jax.Array:
+        """Attention over the sequence's own keys/values [B,T,K,H] by ``mask.kernel`` -> [B,T,D]."""
+        out = self_attention(q, k, v, mask)
         y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(v.dtype))
         return self.o_adapter_and_bias(out, y, key)
 
@@ -159,7 +149,7 @@ class Attention(nnx.Module):
         v_cache = jax.lax.dynamic_update_slice(
             cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), (0, 0, index, 0)
         )
-        # Query rows grouped per KV head: [B, K, G*T, H], row g*T + t (GQA as in attention_weights).
+        # Query rows grouped per KV head: [B, K, G*T, H], row g*T + t (GQA as in attention.attention_weights).
         q = q.reshape(b, t, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)
         scores = jnp.einsum("bkqh,bkhs->bkqs", q, k_cache, preferred_element_type=jnp.float32) * (hd**-0.5)
         scores = jnp.where(jnp.tile(mask, (1, g, 1))[:, None], scores, jnp.finfo(jnp.float32).min)
@@ -175,8 +165,9 @@ class Attention(nnx.Module):
         return y + self.o_bias[...].astype(y.dtype) if self.cfg.o_bias else y
 
     def __call__(self, x, cos, sin, mask, key=None, cache: KVCache | None = None, index=0):
-        """x [B,T,D] -> (y [B,T,D], the updated cache, or None without one). Without a cache, ``mask`` is
-        [B,T,T] over the sequence; with one, [B,T,S] over its slots, and ``x`` sits at slot ``index``."""
+        """x [B,T,D] -> (y [B,T,D], the updated cache, or None without one). Without a cache, ``mask`` is a
+        ``SelfAttentionMask`` over the sequence; with one, [B,T,S] bool over its slots, and ``x`` sits at
+        slot ``index``."""
         q, k, v = self.project_qkv(x, cos, sin, key)
         if cache is None:
             return self.attend(q, k, v, mask, key), None

@@ -221,6 +221,7 @@ def model_config(config: RunConfig) -> ModelConfig:
         compute_dtype=config.compute_dtype,
         scan_layers=m.scan_layers,
         remat=m.remat,
+        attention=m.attention,
         lora=m.lora,
     )
     if m.config_file:

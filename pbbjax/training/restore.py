@@ -31,6 +31,7 @@ def model_from_checkpoint(source: Path, step_dir: Path, config: RunConfig, mesh)
         source,
         param_dtype=config.model.param_dtype,
         compute_dtype=config.compute_dtype,
+        attention=config.model.attention,
         lora=checkpoint_lora(read_info(step_dir)),
         generation_config=json.loads(p.read_text())
         if (p := source / "generation_config.json").is_file()
@@ -49,7 +50,12 @@ def load_for_eval(config: RunConfig, checkpoint: Path, stage=None, step=None):
     """(model with the checkpoint's parameters, tokenizer, label, default output directory)."""
     mesh = make_mesh(**config.mesh)
     if (checkpoint / "config.json").is_file():  # a Hugging Face directory
-        options = dict(dtype=config.model.dtype, mesh=mesh, compute_dtype=config.model.compute_dtype or None)
+        options = dict(
+            dtype=config.model.dtype,
+            mesh=mesh,
+            compute_dtype=config.model.compute_dtype or None,
+            attention=config.model.attention,
+        )
         model, tokenizer = load_model(checkpoint, **options)
         return model, tokenizer, checkpoint.name, checkpoint / "evaluation"
     found, workdir = find_checkpoints(checkpoint)

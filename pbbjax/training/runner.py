@@ -83,6 +83,7 @@ class Runner:
             compute_dtype=config.compute_dtype,
             scan_layers=config.model.scan_layers,
             remat=config.model.remat,
+            attention=config.model.attention,
             lora=config.model.lora,
         )
         if config.model.remat != "none" and not config.model.scan_layers and jax.default_backend() == "cpu":

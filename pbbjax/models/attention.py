@@ -1,0 +1,185 @@
+"""Causal self-attention over a sequence (training, scoring, evaluation forwards), by one of three kernels.
+
+``model.attention`` picks the kernel:
+
+- ``xla``: the scores ``[B, heads, T, T]`` in fp32, masked, softmaxed, times the values; runs everywhere.
+- ``splash``: Pallas splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``) on TPU. A
+  flash kernel: scores are never materialised, and blocks that the causal and segment masks rule out are
+  skipped. Rows are padded to a multiple of its 128-token block with segment 0. On a CPU it runs in
+  Pallas's interpreter, which is how the tests check it.
+- ``cudnn``: cuDNN's fused attention through ``jax.nn.dot_product_attention``, NVIDIA GPUs only, in
+  bfloat16 or float16.
+- ``auto``: splash on TPU, cuDNN on GPU when the compute dtype is 16-bit, XLA otherwise.
+
+Which tokens attend to which is given by ``segments`` [B, T] (int): a token attends to itself and the
+earlier tokens of its own segment, and segment 0 is padding (it attends to nothing, and nothing attends to
+it). Packed rows number their sequences 1, 2, ...; a left-padded row is its attention mask. What a padding
+query outputs differs between the kernels; nothing reads it (the loss masks padding out).
+
+On a mesh, splash runs per shard under ``shard_map``: rows split as the logical ``batch`` axis is, heads
+over ``tensor`` when both the query and the KV head counts divide it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from pbbjax.models.architecture import ATTENTION_KERNELS
+from pbbjax.models.sharding import logical_to_spec
+
+SPLASH_BLOCK = 128  # splash's token block (the TPU lane width); rows are padded to a multiple of it
+log = logging.getLogger(__name__)
+_PLATFORM_KERNEL = {"tpu": "splash", "gpu": "cudnn"}
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+class SelfAttentionMask(NamedTuple):
+    """What a layer's self-attention needs besides q, k, v: which tokens see which, and how to compute it."""
+
+    segments: jax.Array  # int32 [B, T]: a token sees the earlier tokens of its segment; 0 = padding
+    kernel: str  # a resolved implementation: "xla", "splash" or "cudnn"
+    mesh: Mesh | None = None
+    interpret: bool = False  # splash in Pallas's interpreter (tests on CPU)
+
+    def dense(self) -> jax.Array:
+        """[B, T, T] bool: query t may attend key s."""
+        seg = self.segments
+        t = seg.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), bool))[None]
+        return causal & (seg[:, :, None] == seg[:, None, :]) & (seg > 0)[:, None, :]
+
+
+def segments_of(attention_mask: jax.Array | None, segment_ids: jax.Array | None, shape) -> jax.Array:
+    """[B, T] int32 segments from an attention mask (1 = token) and/or packed segment ids (0 = padding)."""
+    seg = jnp.ones(shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    return seg if attention_mask is None else seg * (attention_mask != 0)
+
+
+def platform_of(mesh: Mesh | None) -> str:
+    """The platform the program is compiled for: the mesh's devices' (compile-only TPU devices included)."""
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
+def resolve(implementation: str, platform: str, compute_dtype) -> str:
+    """``model.attention`` -> the kernel to run on ``platform`` ("cpu", "gpu", "tpu") in ``compute_dtype``;
+    ValueError when the named kernel cannot run there."""
+    if implementation not in ATTENTION_KERNELS:
+        raise ValueError(f"model.attention is {implementation!r}; expected one of {ATTENTION_KERNELS}")
+    if implementation == "auto":
+        kernel = _PLATFORM_KERNEL.get(platform, "xla")
+        if kernel == "cudnn" and jnp.dtype(compute_dtype) not in _CUDNN_DTYPES:
+            kernel = "xla"
+        return kernel
+    if implementation == "splash" and platform not in ("tpu", "cpu"):
+        raise ValueError(f"model.attention='splash' runs on TPU (or interpreted on CPU), not on {platform}")
+    if implementation == "cudnn":
+        if platform != "gpu":
+            raise ValueError(f"model.attention='cudnn' runs on NVIDIA GPUs only; this one is for {platform}")
+        if jnp.dtype(compute_dtype) not in _CUDNN_DTYPES:
+            raise ValueError(
+                f"model.attention='cudnn' needs model.compute_dtype bfloat16 or float16, not {compute_dtype}"
+            )
+    return implementation
+
+
+def self_attention_mask(
+    implementation: str, segments: jax.Array, mesh: Mesh | None, compute_dtype
+) -> SelfAttentionMask:
+    """The mask of a forward on ``mesh`` (or the default device) with ``model.attention`` =
+    ``implementation``; splash on a CPU runs in Pallas's interpreter (slow: for checking the kernel)."""
+    platform = platform_of(mesh)
+    kernel = resolve(implementation, platform, compute_dtype)
+    interpret = kernel == "splash" and platform == "cpu"
+    if interpret and not _warned_interpret:
+        _warned_interpret.append(True)
+        log.warning("model.attention='splash' on a CPU runs Pallas's interpreter: correct, and very slow")
+    return SelfAttentionMask(segments, kernel, mesh, interpret)
+
+
+_warned_interpret: list = []
+
+
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: SelfAttentionMask) -> jax.Array:
+    """q [B,T,N,H], k and v [B,T,K,H] (K divides N) -> [B,T,N,H] in v's dtype."""
+    if mask.kernel == "splash":
+        return _splash(q, k, v, mask)
+    if mask.kernel == "cudnn":
+        return dot_product_attention(q, k, v, mask, implementation="cudnn")
+    return xla_attention(q, k, v, mask.dense())
+
+
+def dot_product_attention(q, k, v, mask: SelfAttentionMask, implementation: str) -> jax.Array:
+    """``jax.nn.dot_product_attention`` with ``mask`` (``implementation="cudnn"``: the fused kernel)."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask.dense()[:, None], implementation=implementation)
+
+
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax(q k^T / sqrt(h)) with GQA. q [B,T,N,H], k [B,S,K,H], mask [B,T,S] -> [B,K,G,T,S] fp32."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    b, t, n, h = q.shape
+    probs = attention_weights(q, k, mask).astype(v.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+
+
+def _splash(q, k, v, mask: SelfAttentionMask) -> jax.Array:
+    b, t, n, h = q.shape
+    pad = -t % SPLASH_BLOCK
+    seg = jnp.pad(mask.segments, ((0, 0), (0, pad)))
+    # The kernel's layout is [heads, T, head_dim] per row; it does not scale q itself.
+    heads_first = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # noqa: E731
+    q, k, v = heads_first(q * jnp.asarray(h**-0.5, q.dtype)), heads_first(k), heads_first(v)
+    if mask.mesh is None:
+        out = _splash_rows(q, k, v, seg, interpret=mask.interpret)
+    else:
+        rows = logical_to_spec(("batch",), (b,), mask.mesh)[0]
+        heads = logical_to_spec(("kv_heads",), (k.shape[1],), mask.mesh)[0]
+        if heads is not None and logical_to_spec(("q_heads",), (n,), mask.mesh)[0] != heads:
+            heads = None
+        spec = PartitionSpec(rows, heads, None, None)
+        out = jax.shard_map(
+            functools.partial(_splash_rows, interpret=mask.interpret),
+            mesh=mask.mesh,
+            in_specs=(spec, spec, spec, PartitionSpec(rows, None)),
+            out_specs=spec,
+            check_vma=False,
+        )(q, k, v, seg)
+    return out.transpose(0, 2, 1, 3)[:, :t]
+
+
+def _splash_rows(q, k, v, seg, *, interpret: bool):
+    """The splash kernel over each row: q [B,N,T,H], k and v [B,K,T,H], seg [B,T] (T a multiple of 128)."""
+    # Imported here: the TPU kernels' modules take a second to import, for a kernel only TPUs run.
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    n, t = q.shape[1], q.shape[2]
+    block = max(b for b in (512, 256, SPLASH_BLOCK) if t % b == 0)
+    sizes = kernels.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    causal = masks.MultiHeadMask([masks.CausalMask((t, t))] * n)
+    kernel = kernels.make_splash_mha(
+        causal, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+    return jax.vmap(kernel)(q, k, v, segment_ids=kernels.SegmentIds(seg, seg))
