@@ -1,4 +1,5 @@
-"""Sampler throughput: pbbjax vs transformers ``generate`` (PyTorch) vs Tunix's sampler, same weights.
+"""Sampler throughput: pbbjax vs transformers ``generate`` (PyTorch) vs Tunix's sampler, same weights, and
+the weight-streaming ceiling of XLA on this machine.
 
     python benchmarks/sampler.py [--batches 8 32] [--new-tokens 64] [--repeats 3] [--model DIR]
                                  [--tunix-python /tmp/tunix-venv/bin/python] [--torch-threads N] [--json OUT]
@@ -11,6 +12,12 @@ over questions of different lengths, cycled to the batch size), fp32, on this ma
 - transformers: ``AutoModelForCausalLM.generate(do_sample=False)`` on left-padded tensors with an
   attention mask (its default attention, SDPA); ``--torch-threads`` sets ``torch.set_num_threads`` (on a
   loaded machine, PyTorch's default OpenMP team can be many times slower than one thread).
+- ceiling: what no XLA decode step can beat here. A decode step must read every weight (SmolLM2-135M: 538 MB
+  in fp32) for a handful of rows, so on a CPU it is bound by how fast XLA's small-batch matmul streams
+  weights. This side runs ``--new-tokens`` steps of exactly that work, each weight matrix of the model once
+  through a ``[B, k]`` product (each step depending on the last, as decode steps do), in four layouts:
+  separate or fused (q|k|v and gate|up concatenated) matrices, stored ``[k, n]`` or ``[n, k]``. Its figure
+  is the fastest layout's (all four are reported).
 - Tunix (only with ``--tunix-python``: a Python that has ``google-tunix`` installed, e.g. its own venv, see
   benchmarks/README.md): ``tunix.generate.sampler.Sampler`` over Tunix's Llama3 model, its config filled
   from the model's ``config.json`` by hand (Tunix has no SmolLM2 preset) and its weights loaded from the
@@ -51,7 +58,7 @@ QUESTIONS = [
     "Explain the difference between a list and a tuple in Python, with an example of each.",
     "What is 17 * 23?",
 ]
-SIDES = ("pbbjax", "transformers", "tunix")
+SIDES = ("pbbjax", "transformers", "ceiling", "tunix")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -69,6 +76,91 @@ def _pbbjax_side(model_dir: str, new_tokens: int):
     def run(prompts: list[str]) -> list[list[int]]:
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         return generate_tokens(model, ids, new_tokens, eos_ids=(), pad_id=tokenizer.pad_token_id)
+
+    return run
+
+
+def _ceiling_side(model_dir: str, new_tokens: int):
+    """XLA's weight-streaming ceiling: per decode step, every weight matrix of the model once through a
+    ``[B, k]`` product and nothing else (no attention, cache, norms or sampling), in each of several
+    layouts; a call times ``new_tokens`` such steps per layout."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, REPO)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import pbbjax
+
+    model, _ = pbbjax.load_model(model_dir, tokenizer=False)
+    cfg, layers = model.cfg, model.layers
+    a, m = layers.attn, layers.mlp
+    d = cfg.hidden_size
+    per_layer = []
+    for i in range(cfg.num_layers):
+        w = lambda p, i=i: np.asarray(p[...][i])  # noqa: E731
+        per_layer.append(
+            {
+                "q": w(a.q_proj).reshape(d, -1),
+                "k": w(a.k_proj).reshape(d, -1),
+                "v": w(a.v_proj).reshape(d, -1),
+                "o": w(a.o_proj).reshape(-1, d),
+                "gate": w(m.gate_proj),
+                "up": w(m.up_proj),
+                "down": w(m.down_proj),
+            }
+        )
+    head = np.asarray(model.embed[...] if cfg.tie_word_embeddings else model.lm_head[...].T)  # [V, d]
+    del model
+
+    def layout(fused: bool, transposed: bool) -> list:
+        mats = []
+        for ws in per_layer:
+            group = (
+                [np.concatenate([ws["q"], ws["k"], ws["v"]], 1), ws["o"]]
+                if fused
+                else [ws[n] for n in "qkv"] + [ws["o"]]
+            )
+            group += (
+                [np.concatenate([ws["gate"], ws["up"]], 1), ws["down"]]
+                if fused
+                else [ws[n] for n in ("gate", "up", "down")]
+            )
+            mats += group
+        mats = [w.T if transposed else w for w in mats] + [head if transposed else head.T]
+        return [jax.device_put(np.ascontiguousarray(w)) for w in mats]
+
+    def steps_fn(transposed: bool):
+        def one(x, ws):
+            acc = jnp.zeros((), jnp.float32)
+            for w in ws:
+                k = w.shape[1] if transposed else w.shape[0]
+                dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
+                acc = acc + jax.lax.dot_general(x[:, :k], w, dims).sum()
+            return acc
+
+        @jax.jit
+        def run(x, ws):  # new_tokens steps, each depending on the last (as decode steps do)
+            return jax.lax.fori_loop(0, new_tokens, lambda _, x: x + one(x, ws) * 1e-30, x)
+
+        return run
+
+    forms = {
+        f"{'fused' if fused else 'separate'} {'[n,k]' if tr else '[k,n]'}": (steps_fn(tr), layout(fused, tr))
+        for fused in (False, True)
+        for tr in (False, True)
+    }
+    width = max(max(w.shape) for w in forms["separate [k,n]"][1][:-1])
+
+    def run(prompts: list[str]) -> dict:
+        x = jnp.ones((len(prompts), width), jnp.float32)
+        seconds = {}
+        for name, (fn, ws) in forms.items():
+            fn(x, ws).block_until_ready()  # compiled on the first call per batch size; untimed
+            t0 = time.perf_counter()
+            fn(x, ws).block_until_ready()
+            seconds[name] = time.perf_counter() - t0
+        return {"forms": seconds}
 
     return run
 
@@ -156,7 +248,12 @@ def child_main(args):
         sys.stdout.flush()
 
     t0 = time.perf_counter()
-    make = {"pbbjax": _pbbjax_side, "transformers": _transformers_side, "tunix": _tunix_side}[args.side]
+    make = {
+        "pbbjax": _pbbjax_side,
+        "transformers": _transformers_side,
+        "ceiling": _ceiling_side,
+        "tunix": _tunix_side,
+    }[args.side]
     extra = {"torch_threads": args.torch_threads} if args.side == "transformers" else {}
     run = make(args.model, args.new_tokens, **extra)
     send(event="ready", setup_s=time.perf_counter() - t0)
@@ -167,6 +264,20 @@ def child_main(args):
         t0, c0 = time.perf_counter(), time.process_time()
         tokens = run(req["prompts"])
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if isinstance(tokens, dict):  # the ceiling: its fastest layout's time; no tokens
+            forms = tokens["forms"]
+            best = min(forms, key=forms.get)
+            n = len(req["prompts"]) * args.new_tokens
+            send(
+                event="call",
+                seconds=forms[best],
+                cpu_seconds=cpu,
+                tokens=None,
+                generated=n,
+                forms=forms,
+                best=best,
+            )
+            continue
         send(event="call", seconds=seconds, cpu_seconds=cpu, tokens=tokens if req.get("tokens") else None,
              generated=sum(len(t) for t in tokens))  # fmt: skip
 
@@ -227,7 +338,7 @@ def match(tokens: list[list[int]], ref: list[list[int]]) -> dict:
 
 def run_children(args, model_dir: str, sides: list[str]) -> dict:
     prompts = {b: chat_prompts(model_dir, b) for b in args.batches}
-    python = {"pbbjax": sys.executable, "transformers": sys.executable, "tunix": args.tunix_python}
+    python = {s: sys.executable for s in SIDES} | {"tunix": args.tunix_python}
     children = {s: Child(s, python[s], args, model_dir) for s in sides}
     res = {s: {b: {"times": [], "cpu": []} for b in args.batches} for s in sides}
     try:
@@ -239,6 +350,7 @@ def run_children(args, model_dir: str, sides: list[str]) -> dict:
                 res[s][b].update(
                     first_s=reply["seconds"], tokens=reply["tokens"], generated=reply["generated"]
                 )
+                res[s][b]["forms"] = []
                 print(f"  B={b:3d} {s:12s} first call {reply['seconds']:8.2f}s", flush=True)
         for rep in range(args.repeats):
             for bi, b in enumerate(args.batches):
@@ -247,6 +359,8 @@ def run_children(args, model_dir: str, sides: list[str]) -> dict:
                     reply = children[s].call(prompts[b])
                     res[s][b]["times"].append(reply["seconds"])
                     res[s][b]["cpu"].append(reply["cpu_seconds"])
+                    if "forms" in reply:
+                        res[s][b]["forms"].append(reply["forms"])
                     print(
                         f"  rep {rep + 1}/{args.repeats} B={b:3d} {s:12s} {reply['seconds']:8.2f}s",
                         flush=True,
@@ -277,8 +391,11 @@ def summarize(res: dict, args, sides: list[str]) -> dict:
             }
         ref = res["transformers"][b]["tokens"]
         for s in sides:
-            if s != "transformers":
+            if s not in ("transformers", "ceiling"):
                 row[s]["vs_transformers"] = match(res[s][b]["tokens"], ref)
+        forms = res["ceiling"][b]["forms"]
+        row["ceiling"]["layouts_median_s"] = {f: statistics.median(c[f] for c in forms) for f in forms[0]}
+        row["ratio_pbbjax_over_ceiling"] = row["pbbjax"]["tokens_per_s"] / row["ceiling"]["tokens_per_s"]
         row["ratio_pbbjax_over_transformers"] = (
             row["pbbjax"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
         )
@@ -288,7 +405,7 @@ def summarize(res: dict, args, sides: list[str]) -> dict:
     return out
 
 
-def print_table(summary: dict, sides: list[str]):
+def print_table(summary: dict, sides: list[str], args):
     head = f"{'B':>4s} {'side':12s} {'tokens/s':>9s} {'s/call':>8s} {'CPU s':>8s} {'first':>8s}"
     print(f"\n{head} {'compile':>8s}  greedy tokens vs transformers")
     for b, row in summary.items():
@@ -302,7 +419,12 @@ def print_table(summary: dict, sides: list[str]):
                 agree += f"  (generated {r['generated_tokens']} tokens, expected {r['expected_tokens']}!)"
             print(f"{b:4d} {s:12s} {r['tokens_per_s']:9.1f} {r['median_s']:8.2f} {r['median_cpu_s']:8.1f} "
                   f"{r['first_call_s']:8.1f} {r['compile_s']:8.1f}  {agree}")  # fmt: skip
-        line = f"     pbbjax / transformers: {row['ratio_pbbjax_over_transformers']:.2f}x (target >= 3x)"
+        layouts = ", ".join(
+            f"{f} {b * args.new_tokens / s:.1f}" for f, s in row["ceiling"]["layouts_median_s"].items()
+        )
+        print(f"     ceiling tokens/s by weight layout: {layouts}")
+        line = f"     pbbjax / transformers: {row['ratio_pbbjax_over_transformers']:.2f}x (target >= 2.5x)"
+        line += f"   pbbjax / ceiling: {row['ratio_pbbjax_over_ceiling']:.0%} (target >= 80%)"
         if "ratio_pbbjax_over_tunix" in row:
             line += f"   pbbjax / Tunix: {row['ratio_pbbjax_over_tunix']:.2f}x (target >= 2x)"
         print(line)
@@ -326,12 +448,12 @@ def parent_main(args):
 
     model_dir = str(args.model or pbbjax.default_model_path())
     why_not = tunix_available(args.tunix_python)
-    sides = list(SIDES) if why_not is None else ["pbbjax", "transformers"]
+    sides = list(SIDES) if why_not is None else ["pbbjax", "transformers", "ceiling"]
     if why_not:
-        print(f"Tunix not measured: {why_not}. Running pbbjax vs transformers only.", flush=True)
+        print(f"Tunix not measured: {why_not}. Running pbbjax, transformers and the ceiling.", flush=True)
     res = run_children(args, model_dir, sides)
     summary = summarize(res, args, sides)
-    print_table(summary, sides)
+    print_table(summary, sides, args)
     if args.json:
         from importlib.metadata import version
 
