@@ -23,9 +23,9 @@ time, but it counts spin-waiting threads too). At the defaults the two children 
 MFU = tokens/s x model FLOPs per token (``pbbjax.training.metrics.train_flops_per_token``: 6 per matmul
 weight incl. the LM head, plus causal attention) / peak FLOP/s. A CPU has no spec-sheet entry, so pass
 ``--peak-flops`` (cores x clock x FLOPs per cycle per core: 32 in fp32 with AVX2 and two FMA units, 64 with
-AVX-512 and two; e.g. 2 x 2.5e9 x 32 = 160e9), or ``--measure-peak`` to time a 2048 x 2048 fp32 ``jnp.dot``
-(the best of several runs, before the children start) and use that as the attainable peak. Without
-either, MFU is None.
+AVX-512 and two; e.g. 2 x 2.5e9 x 32 = 160e9), or ``--measure-peak`` to time a 2048 x 2048 fp32 matmul in
+each side's backend (``jnp.dot``, ``torch.mm``; the best of several runs, before the children start) and
+take each side's MFU against its own backend's attainable peak. Without either, MFU is None.
 
 Environment variables (``XLA_FLAGS``, ``OMP_NUM_THREADS``, ...) pass through to the children, so XLA or
 PyTorch settings can be tried without editing the script.
@@ -235,19 +235,27 @@ class Child:
         return done
 
 
-def measure_peak_flops(n: int = 2048, repeats: int = 10) -> float:
-    """Best-of-``repeats`` FLOP/s of an n x n fp32 jnp.dot: the attainable matmul peak of this CPU."""
-    import jax
-    import jax.numpy as jnp
+def measure_peak_flops(side: str, n: int = 2048, repeats: int = 10) -> float:
+    """Best-of-``repeats`` FLOP/s of an n x n fp32 matmul in ``side``'s backend (XLA's ``jnp.dot`` or
+    ``torch.mm``): the matmul peak that backend attains on this CPU."""
+    if side == "jax":
+        import jax
+        import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        dot = jax.jit(jnp.dot)
+        run = lambda: dot(a, b).block_until_ready()  # noqa: E731
+    else:
+        import torch
+
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        run = lambda: torch.mm(a, b)  # noqa: E731
+    run()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        dot(a, b).block_until_ready()
+        run()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
@@ -296,10 +304,13 @@ def parent_main(args):
     model_dir = str(args.model or pbbjax.default_model_path())
     cfg = ModelConfig.from_dir(model_dir)
     flops_per_token = train_flops_per_token(cfg, args.seq)
-    peak, peak_source = args.peak_flops, "--peak-flops" if args.peak_flops else None
+    peaks = {side: args.peak_flops for side in SIDES}
+    peak_source = "--peak-flops" if args.peak_flops else None
     if args.measure_peak:
-        peak, peak_source = measure_peak_flops(), "measured: best 2048x2048 fp32 jnp.dot"
-        print(f"measured peak: {peak / 1e9:.1f} GFLOP/s (2048 x 2048 fp32 jnp.dot, best of 10)")
+        peaks = {side: measure_peak_flops(side) for side in SIDES}
+        peak_source = "measured: best 2048x2048 fp32 matmul of each side's backend (jnp.dot, torch.mm)"
+        for side, peak in peaks.items():
+            print(f"measured peak {LABELS[side]}: {peak / 1e9:.1f} GFLOP/s (2048 x 2048 fp32, best of 10)")
 
     results = run_children(args, model_dir)
     tokens = args.batch * args.seq
@@ -315,7 +326,8 @@ def parent_main(args):
             "cpu_seconds_per_step": statistics.median(s["cpu_seconds"] for s in r["steps"]),
             "warmup_seconds": [w["seconds"] for w in r["ready"]["warmup"]],
             "setup_seconds": r["ready"]["setup_s"],
-            "mfu": mfu(tokens / seconds, flops_per_token, peak),
+            "mfu": mfu(tokens / seconds, flops_per_token, peaks[side]),
+            "peak_flops": peaks[side],
             "peak_rss_mib": r["done"]["max_rss_mib"],
             "first_step_loss": first["loss"],
             "first_step_grad_norm": first["grad_norm"],
@@ -343,7 +355,11 @@ def parent_main(args):
     )
     print(
         f"model FLOPs per token {flops_per_token / 1e6:.1f} M; peak FLOP/s: "
-        f"{f'{peak / 1e9:.1f} G ({peak_source})' if peak else 'None (pass --peak-flops or --measure-peak)'}"
+        + (
+            ", ".join(f"{LABELS[s]} {p / 1e9:.1f} G" for s, p in peaks.items()) + f" ({peak_source})"
+            if peak_source
+            else "None (pass --peak-flops or --measure-peak)"
+        )
     )
 
     if args.json:
@@ -367,7 +383,7 @@ def parent_main(args):
                 "max_grad_norm": args.max_grad_norm,
             },
             "model_flops_per_token": flops_per_token,
-            "peak_flops": peak,
+            "peak_flops": peaks,
             "peak_flops_source": peak_source,
             "pbbjax": jx,
             "transformers": th,
@@ -403,7 +419,7 @@ def main():
     parser.add_argument("--remat", default="none", help="pbbjax remat policy (none, full, dots, ...)")
     parser.add_argument("--scan-layers", action="store_true", help="pbbjax: run the layers as a lax.scan")
     parser.add_argument("--peak-flops", type=float, default=None, help="FLOP/s of this CPU, for MFU")
-    parser.add_argument("--measure-peak", action="store_true", help="time a 2048^2 fp32 jnp.dot as peak")
+    parser.add_argument("--measure-peak", action="store_true", help="time 2048^2 matmuls as peaks")
     parser.add_argument("--sequential", action="store_true", help="run the sides one after the other")
     parser.add_argument("--json", default="", help="also write the results here")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side

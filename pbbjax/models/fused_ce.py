@@ -63,10 +63,11 @@ def _forward(x, head, targets, coef, tied: bool, mesh, with_grads: bool, head_gr
         dx = jax.lax.dot_general(g, head.astype(x.dtype), back, preferred_element_type=jnp.float32)
         if head_grad:
             eq = "bcv,bcd->vd" if tied else "bcv,bcd->dv"
-            dhead = dhead + jnp.einsum(eq, g, xc, preferred_element_type=jnp.float32)
+            dhead = constrain(dhead + jnp.einsum(eq, g, xc, preferred_element_type=jnp.float32), mesh, axes)
         return dhead, (jnp.sum(nll * ac), dx.astype(x.dtype))
 
-    dhead0 = jnp.zeros(head.shape, jnp.float32) if with_grads and head_grad else None
+    axes = ("vocab", "embed") if tied else ("embed", "vocab")  # the head's own layout (its gradient's)
+    dhead0 = constrain(jnp.zeros(head.shape, jnp.float32), mesh, axes) if with_grads and head_grad else None
     dhead, (sums, dx) = jax.lax.scan(one, dhead0, (_chunks(x, c), _chunks(targets, c), _chunks(coef, c)))
     if dx is not None:
         dx = jnp.moveaxis(dx, 0, 1).reshape(x.shape)
