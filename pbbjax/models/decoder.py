@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from pbbjax.models import attention, fused_ce
+from pbbjax.models import attention
 from pbbjax.models.architecture import ModelConfig, resolve_dtype
 from pbbjax.models.layers import DecoderLayer, KVCache, make_param, rms_norm, rope_cos_sin, rope_inv_freq
 from pbbjax.models.sharding import constrain
@@ -91,14 +91,6 @@ class Transformer(nnx.Module):
         head = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
         logits = jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, self.mesh, ("batch", "length", "act_vocab"))
-
-    def weighted_nll(self, hidden: jax.Array, targets: jax.Array, coef: jax.Array) -> jax.Array:
-        """Final norm, LM head and cross-entropy fused (``fused_ce``): sum(coef * -log p(targets)) over
-        hidden [B, T, D], targets and coef [B, T], without materialising the [B, T, V] logits."""
-        x = rms_norm(hidden, self.final_norm[...], self.cfg.rms_norm_eps)
-        tied = self.cfg.tie_word_embeddings
-        head = self.embed[...] if tied else self.lm_head[...]
-        return fused_ce.weighted_nll(x, head, targets, coef.astype(jnp.float32), tied, self.mesh)
 
     def hidden_states(
         self, input_ids, attention_mask=None, positions=None, segment_ids=None, dropout_key=None

@@ -74,24 +74,18 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw) if cfg.max_grad_norm else adamw
 
 
-def loss_weights(tokens, loss_mask, segment_ids, mode: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(targets, coefficients, count) of next-token prediction on completion tokens: the loss sum is
-    ``sum(coefficients * -log p(targets))`` over positions [B, T].
+def masked_loss_sums(logits, tokens, loss_mask, segment_ids, mode: str) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted token losses, count) for next-token prediction on completion tokens.
 
-    Position t predicts token t+1 (the last position predicts nothing: coefficient 0); ``loss_mask[t+1]``
-    says whether token t+1 is a completion token. The count is an integer (completion tokens, or sequences
-    with any) held exactly in float32, so that counts of microbatches add up to the whole batch's on any CPU.
+    Position t predicts token t+1; ``loss_mask[t+1]`` says whether token t+1 is a completion token. The
+    count is an integer (completion tokens, or sequences with any) held exactly in float32, so that counts
+    of microbatches add up to the whole batch's on any CPU.
     """
-    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    coef, count = _coefficients(loss_mask, segment_ids, mode)
-    return targets, jnp.concatenate([coef, jnp.zeros_like(coef[:, :1])], axis=1), count
-
-
-def _coefficients(loss_mask, segment_ids, mode: str) -> tuple[jax.Array, jax.Array]:
-    """Weights of positions 0 .. T-2 ([B, T-1]) and the count."""
+    logits, targets = logits[:, :-1], tokens[:, 1:]
     weight = loss_mask[:, 1:].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     if mode == "token":
-        return weight, jnp.sum(weight)
+        return jnp.sum(ce * weight), jnp.sum(weight)
     # "sequence": each sequence's completion tokens share a total weight of 1; the count is the number of
     # sequences with completion tokens (each counted at its last one), not the float sum of the weights
     seg = segment_ids[:, 1:]
@@ -99,7 +93,7 @@ def _coefficients(loss_mask, segment_ids, mode: str) -> tuple[jax.Array, jax.Arr
     per_seq_tokens = jnp.einsum("bts,bs->bt", same, weight)
     later = jnp.einsum("bts,bs->bt", same * jnp.triu(jnp.ones_like(same[0]), 1), weight)
     sequences = jnp.sum(jnp.where((weight > 0) & (later == 0), 1.0, 0.0))
-    return weight / jnp.maximum(per_seq_tokens, 1.0), sequences
+    return jnp.sum(ce * weight / jnp.maximum(per_seq_tokens, 1.0)), sequences
 
 
 def batch_sharding(mesh: Mesh | None) -> jax.sharding.Sharding:
@@ -151,14 +145,13 @@ def make_loss_fn(graphdef: nnx.GraphDef, mode: str):
 
     def loss_fn(params, batch, dropout_key=None):
         model = nnx.merge(graphdef, params)
-        hidden = model.hidden_states(
+        logits = model(
             batch["tokens"],
             positions=batch["positions"],
             segment_ids=batch["segment_ids"],
             dropout_key=dropout_key,
         )
-        targets, coef, count = loss_weights(batch["tokens"], batch["loss_mask"], batch["segment_ids"], mode)
-        return model.weighted_nll(hidden, targets, coef), count
+        return masked_loss_sums(logits, batch["tokens"], batch["loss_mask"], batch["segment_ids"], mode)
 
     return loss_fn
 

@@ -12,10 +12,10 @@ from pbbjax.training.sft import (
     batch_sharding,
     init_state,
     learning_rate_schedule,
-    loss_weights,
     make_grad_fn,
     make_optimizer,
     make_train_step,
+    masked_loss_sums,
     state_shardings,
 )
 
@@ -85,12 +85,6 @@ def test_sharded_step_equals_single_device(hf_dirs):
     assert np.allclose(l1, l8, atol=1e-5)
     for a, b in zip(jax.tree.leaves(single["params"]), jax.tree.leaves(sharded["params"]), strict=True):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5
-
-
-def masked_loss_sums(logits, tokens, mask, seg, mode):
-    targets, coef, count = loss_weights(tokens, mask, seg, mode)
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(coef * nll), count
 
 
 def test_loss_sums_by_hand():
