@@ -12,12 +12,13 @@ over questions of different lengths, cycled to the batch size), fp32, on this ma
 - transformers: ``AutoModelForCausalLM.generate(do_sample=False)`` on left-padded tensors with an
   attention mask (its default attention, SDPA); ``--torch-threads`` sets ``torch.set_num_threads`` (on a
   loaded machine, PyTorch's default OpenMP team can be many times slower than one thread).
-- ceiling: what no XLA decode step can beat here. A decode step must read every weight (SmolLM2-135M: 538 MB
-  in fp32) for a handful of rows, so on a CPU it is bound by how fast XLA's small-batch matmul streams
-  weights. This side runs ``--new-tokens`` steps of exactly that work, each weight matrix of the model once
-  through a ``[B, k]`` product (each step depending on the last, as decode steps do), in four layouts:
-  separate or fused (q|k|v and gate|up concatenated) matrices, stored ``[k, n]`` or ``[n, k]``. Its figure
-  is the fastest layout's (all four are reported).
+- ceiling: the weight products of the same call and nothing else, which no XLA sampler can beat here. A
+  decode step must read every weight (SmolLM2-135M: 538 MB in fp32) for a handful of rows, so on a CPU it
+  is bound by how fast XLA's small-batch matmul streams weights. This side runs the prefill's products
+  (each weight matrix once through a ``[B x prompt bucket, k]`` product, the LM head for the last position
+  only) and then ``--new-tokens`` - 1 decode steps of each matrix once through a ``[B, k]`` product (each
+  step depending on the last), in four layouts: separate or fused (q|k|v and gate|up concatenated)
+  matrices, stored ``[k, n]`` or ``[n, k]``. Its figure is the fastest layout's (all four are reported).
 - Tunix (only with ``--tunix-python``: a Python that has ``google-tunix`` installed, e.g. its own venv, see
   benchmarks/README.md): ``tunix.generate.sampler.Sampler`` over Tunix's Llama3 model, its config filled
   from the model's ``config.json`` by hand (Tunix has no SmolLM2 preset) and its weights loaded from the
@@ -91,8 +92,9 @@ def _ceiling_side(model_dir: str, new_tokens: int):
     import numpy as np
 
     import pbbjax
+    from pbbjax.inference.sampler import prompt_bucket
 
-    model, _ = pbbjax.load_model(model_dir, tokenizer=False)
+    model, tokenizer = pbbjax.load_model(model_dir)
     cfg, layers = model.cfg, model.layers
     a, m = layers.attn, layers.mlp
     d = cfg.hidden_size
@@ -140,8 +142,11 @@ def _ceiling_side(model_dir: str, new_tokens: int):
             return acc
 
         @jax.jit
-        def run(x, ws):  # new_tokens steps, each depending on the last (as decode steps do)
-            return jax.lax.fori_loop(0, new_tokens, lambda _, x: x + one(x, ws) * 1e-30, x)
+        def run(x, prompt_rows, ws):
+            # The prefill's products (the LM head for the last position only, as pbbjax's prefill), then
+            # new_tokens - 1 decode steps, each depending on the last.
+            x = x + (one(prompt_rows, ws[:-1]) + one(x, ws[-1:])) * 1e-30
+            return jax.lax.fori_loop(1, new_tokens, lambda _, x: x + one(x, ws) * 1e-30, x)
 
         return run
 
@@ -154,11 +159,13 @@ def _ceiling_side(model_dir: str, new_tokens: int):
 
     def run(prompts: list[str]) -> dict:
         x = jnp.ones((len(prompts), width), jnp.float32)
+        longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+        prompt_rows = jnp.ones((len(prompts) * prompt_bucket(longest), width), jnp.float32)
         seconds = {}
         for name, (fn, ws) in forms.items():
-            fn(x, ws).block_until_ready()  # compiled on the first call per batch size; untimed
+            fn(x, prompt_rows, ws).block_until_ready()  # compiled on the first call per shape; untimed
             t0 = time.perf_counter()
-            fn(x, ws).block_until_ready()
+            fn(x, prompt_rows, ws).block_until_ready()
             seconds[name] = time.perf_counter() - t0
         return {"forms": seconds}
 
