@@ -82,14 +82,18 @@ def command_of(run: Run, preset: str, overrides: dict) -> str:
 
 # Fields that say where and how a run executes or is watched, not what it computes: left out of the digest,
 # so that a study's committed results stay valid when such a field is added or set (a pod, a weaker
-# sandbox, wandb tracking, a profile).
-NOT_DIGESTED = ("workdir", "cluster", "sandbox", "log", "profile")
+# sandbox, wandb tracking, a profile, the attention kernel: every kernel computes the same attention).
+NOT_DIGESTED = ("workdir", "cluster", "sandbox", "log", "profile", "model.attention")
 
 
 def digest(config) -> str:
     d = json.loads(config.to_json_best_effort(sort_keys=True))
     for field in NOT_DIGESTED:
-        d.pop(field, None)
+        *parents, name = field.split(".")
+        section = d
+        for parent in parents:
+            section = section.get(parent, {})
+        section.pop(name, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
