@@ -44,15 +44,16 @@ class SelfAttentionMask(NamedTuple):
 
     segments: jax.Array  # int32 [B, T]: a token sees the earlier tokens of its segment; 0 = padding
     kernel: str  # a resolved implementation: "xla", "splash" or "cudnn"
+    dense: jax.Array | None = None  # [B, T, T] bool, dense_mask(segments): the xla and cudnn kernels' mask
     mesh: Mesh | None = None
     interpret: bool = False  # splash in Pallas's interpreter (tests on CPU)
 
-    def dense(self) -> jax.Array:
-        """[B, T, T] bool: query t may attend key s."""
-        seg = self.segments
-        t = seg.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), bool))[None]
-        return causal & (seg[:, :, None] == seg[:, None, :]) & (seg > 0)[:, None, :]
+
+def dense_mask(segments: jax.Array) -> jax.Array:
+    """[B, T, T] bool: query t may attend key s (causal, same segment, not padding)."""
+    t = segments.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))[None]
+    return causal & (segments[:, :, None] == segments[:, None, :]) & (segments > 0)[:, None, :]
 
 
 def segments_of(attention_mask: jax.Array | None, segment_ids: jax.Array | None, shape) -> jax.Array:
@@ -92,17 +93,20 @@ def self_attention_mask(
     implementation: str, segments: jax.Array, mesh: Mesh | None, compute_dtype
 ) -> SelfAttentionMask:
     """The mask of a forward on ``mesh`` (or the default device) with ``model.attention`` =
-    ``implementation``; splash on a CPU runs in Pallas's interpreter (slow: for checking the kernel)."""
+    ``implementation``, built once for all layers; splash on a CPU runs in Pallas's interpreter (slow: for
+    checking the kernel)."""
     platform = platform_of(mesh)
     kernel = resolve(implementation, platform, compute_dtype)
     interpret = kernel == "splash" and platform == "cpu"
-    if interpret and not _warned_interpret:
-        _warned_interpret.append(True)
-        log.warning("model.attention='splash' on a CPU runs Pallas's interpreter: correct, and very slow")
-    return SelfAttentionMask(segments, kernel, mesh, interpret)
+    if interpret:
+        _warn_interpreted()
+    dense = None if kernel == "splash" else dense_mask(segments)
+    return SelfAttentionMask(segments, kernel, dense, mesh, interpret)
 
 
-_warned_interpret: list = []
+@functools.cache
+def _warn_interpreted() -> None:
+    log.warning("model.attention='splash' on a CPU runs Pallas's interpreter: correct, and very slow")
 
 
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: SelfAttentionMask) -> jax.Array:
@@ -111,12 +115,12 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: SelfAttention
         return _splash(q, k, v, mask)
     if mask.kernel == "cudnn":
         return dot_product_attention(q, k, v, mask, implementation="cudnn")
-    return xla_attention(q, k, v, mask.dense())
+    return xla_attention(q, k, v, mask.dense)
 
 
 def dot_product_attention(q, k, v, mask: SelfAttentionMask, implementation: str) -> jax.Array:
     """``jax.nn.dot_product_attention`` with ``mask`` (``implementation="cudnn"``: the fused kernel)."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask.dense()[:, None], implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask.dense[:, None], implementation=implementation)
 
 
 def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:

@@ -43,7 +43,7 @@ def test_splash_equals_xla_forward_and_backward(kind, t):
     seg = _segments(kind, 2, t)
     q, k, v = _qkv(2, t, 4, 2, 64)
     segj = jnp.asarray(seg)
-    xla = SelfAttentionMask(segj, "xla")
+    xla = SelfAttentionMask(segj, "xla", attention.dense_mask(segj))
     splash = SelfAttentionMask(segj, "splash", interpret=True)
 
     def loss(mask, q, k, v):
@@ -66,18 +66,16 @@ def test_cudnn_path_arguments_mean_the_same_mask(kind):
     (this CPU has no cuDNN) with those arguments equals pbbjax's attention."""
     seg = _segments(kind, 2, 96)
     q, k, v = _qkv(2, 96, 6, 2, 32, seed=1)
-    mask = SelfAttentionMask(jnp.asarray(seg), "cudnn")
+    mask = SelfAttentionMask(jnp.asarray(seg), "cudnn", attention.dense_mask(jnp.asarray(seg)))
     out = attention.dot_product_attention(q, k, v, mask, implementation="xla")
-    ref = attention.xla_attention(q, k, v, mask.dense())
+    ref = attention.xla_attention(q, k, v, mask.dense)
     assert float(jnp.abs(_on_real(out - ref, seg)).max()) <= TOL
 
 
 def test_segments_of_reproduces_the_causal_padding_and_packing_mask():
     am = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], np.int32)
     sid = np.array([[0, 0, 1, 1, 2, 2], [1, 1, 1, 2, 2, 0]], np.int32)
-    dense = SelfAttentionMask(
-        attention.segments_of(jnp.asarray(am), jnp.asarray(sid), am.shape), "xla"
-    ).dense()
+    dense = attention.dense_mask(attention.segments_of(jnp.asarray(am), jnp.asarray(sid), am.shape))
     t = am.shape[1]
     expect = np.tril(np.ones((t, t), bool))[None] & am[:, None, :].astype(bool) & am[:, :, None].astype(bool)
     expect &= (sid[:, :, None] == sid[:, None, :]) & (sid > 0)[:, None, :]
