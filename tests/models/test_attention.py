@@ -94,8 +94,6 @@ def test_resolve_by_platform_and_dtype():
         attention.resolve("cudnn", "gpu", "float32")
     with pytest.raises(ValueError, match="splash"):
         attention.resolve("splash", "gpu", "bfloat16")
-    with pytest.raises(ValueError, match="model.attention is 'flash'"):
-        attention.resolve("flash", "tpu", "bfloat16")
 
 
 def test_unknown_kernel_is_a_config_error():
