@@ -380,6 +380,49 @@ def _replay() -> Study:
     )
 
 
+def _programs() -> Study:
+    """Beyond one statement: the main job's setting without replay (the ``demo`` study's strongest
+    curriculum), each run a harder program family. ``lengths``: ``+`` programs of 1-3 statements, 12 eval
+    programs, scored by length (the paper's accuracy by program length), and compositions f(g(x)) of eval
+    programs; ``sub``, ``mul``: one statement of ``-`` or ``*``; ``mixed``: two statements of ``+ - *``
+    (two operations). Nothing is tuned per family: every run has the main job's settings."""
+    arith = "domain_options.arithmetic."
+    families = {
+        "lengths": {
+            arith + "length": (1, 3),
+            "data.num_eval_instructions": 12,
+            "data.num_compositions": 4,
+            "eval.sets": ("eval", "compositions"),
+            "eval.max_rows": 48,
+        },
+        "sub": {arith + "operations": ("-",)},
+        "mul": {arith + "operations": ("*",)},
+        "mixed": {arith + "length": (2, 2), arith + "operations": ("+", "-", "*")},
+    }
+    runs = tuple(Run(name, "proactive", over) for name, over in families.items())
+    arms = tuple(
+        Arm(f"{r.name}{suffix}", r.name, after)
+        for r in runs
+        for suffix, after in (("-stage1", "stage1"), ("", "stage2"))
+    )
+    return Study(
+        "programs",
+        "Proactive PBB goes beyond one statement: accuracy falls with program length (Qwen3-14B executes "
+        "random arithmetic programs of up to 5 statements).",
+        "Fig. 3 lower left (by length)",
+        runs,
+        arms,
+        {
+            # three statements' CoT traces run to about 75 tokens
+            "demo": {"data.replay_fraction": 0.0, "eval.cot_max_new_tokens": 96},
+            "tiny": {**_TINY, "data.num_compositions": 0, "eval.sets": ("eval",)},
+        },
+        plots=("arms", "by_length"),
+        metrics=("accuracy", "recall"),
+        seeds=2,
+    )
+
+
 def _grammars() -> Study:
     grammar = {"domain": "grammars", "eval.temperature": 1.0, "eval.sets": ("eval",), "eval.at_start": True}
     return Study(
@@ -445,5 +488,6 @@ STUDIES: dict[str, Study] = {
         _minimal(),
         _demo(),
         _replay(),
+        _programs(),
     )
 }
