@@ -22,7 +22,7 @@ from pbbjax.config.schema import (
     rl_config,
 )
 from pbbjax.config.sections import GRPOConfig, OptimConfig, WandbConfig, profile_window, wandb_config
-from pbbjax.data.curriculum import CurriculumConfig, build_curriculum
+from pbbjax.data.curriculum import CurriculumConfig, build_curriculum, with_warmups
 from pbbjax.data.pipeline import PipelineConfig
 from pbbjax.data.tasks.base import get_domain
 from pbbjax.data.tasks.sandbox import MODES as SANDBOX_MODES
@@ -179,4 +179,7 @@ def build_config_curriculum(c: RunConfig):
     """(the domain, the curriculum) that the config describes: every caller builds it this way."""
     domain = domain_of(c)
     stage1 = domain_of(c, "data.stage1_domain") if c.data.stage1_domain else None
-    return domain, build_curriculum(domain, c.curriculum, c.data, stage1)
+    curriculum = build_curriculum(domain, c.curriculum, c.data, stage1)
+    if c.rl.sft_warmup_steps:
+        curriculum = with_warmups(curriculum, c.rl_stages)
+    return domain, curriculum

@@ -50,6 +50,7 @@ class GRPOConfig:
     format_reward: float = 0.0  # added to the reward when the completion has the answer marker
     learning_rate: float = 1e-5  # replaces train.learning_rate in GRPO stages
     steps: int = 50  # iterations per GRPO stage (train.steps, when set, wins)
+    sft_warmup_steps: int = 0  # SFT steps on a GRPO stage's own rows before it (a stage <name>-warmup)
 
     def __post_init__(self):
         if self.loss_agg not in ("token", "sequence", "fixed"):
@@ -60,6 +61,8 @@ class GRPOConfig:
             )
         if self.temperature <= 0:
             raise ValueError(f"rl.temperature must be > 0 (rollouts are sampled), got {self.temperature}")
+        if self.sft_warmup_steps < 0:
+            raise ValueError(f"rl.sft_warmup_steps must be >= 0, got {self.sft_warmup_steps}")
         if self.num_iterations < 1 or self.prompts_per_step < 1 or self.max_new_tokens < 1:
             raise ValueError("rl.num_iterations, rl.prompts_per_step and rl.max_new_tokens must be >= 1")
 

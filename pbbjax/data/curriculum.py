@@ -306,3 +306,21 @@ def _eval_sets(b: _Builder, instructions: dict[str, Instruction], train: bool) -
         instructions.update({ins.id: ins for ins in pairs})
         sets["compositions"] = rows(pairs, "eval", "compositions")
     return sets
+
+
+WARMUP = "-warmup"  # the suffix of a stage's SFT warm-up (``with_warmups``)
+
+
+def with_warmups(curriculum: Curriculum, names) -> Curriculum:
+    """Each stage in ``names`` preceded by a stage ``<name>-warmup`` of the same rows, which starts where the
+    stage started; the stage then starts from the warm-up's end. A GRPO stage whose rollouts never earn a
+    reward (a model that has not seen the answer format) learns nothing; a few SFT steps on its own rows
+    first teach the format (``rl.sft_warmup_steps``). Names that are not stages are left to the caller."""
+    stages = []
+    for stage in curriculum.stages:
+        if stage.name in names:
+            rows = [dataclasses.replace(r, stage=stage.name + WARMUP) for r in stage.rows]
+            stages.append(Stage(stage.name + WARMUP, rows, start_from=stage.start_from))
+            stage = dataclasses.replace(stage, start_from=None)
+        stages.append(stage)
+    return dataclasses.replace(curriculum, stages=stages)

@@ -197,6 +197,10 @@ def _in_context() -> Study:
 
 
 def _retroactive() -> Study:
+    """Retroactive stage 2 by SFT or by GRPO. At the ``demo`` size (the main job's programs) GRPO starts from
+    10 SFT steps on stage 2's rows (``rl.sft_warmup_steps``, the ``warmup`` arm), since a model that has
+    only read code never writes the answer format and earns no reward; the ``cpu`` size has no warm-up (its
+    GRPO run got zero reward throughout)."""
     track = {"eval.sets": ("eval",)}
     return Study(
         "retroactive",
@@ -206,14 +210,22 @@ def _retroactive() -> Study:
             Run("sft", "retroactive", {**track}),
             Run("grpo", "retroactive", {**track}, rl=True),
         ),
-        (Arm("sft", "sft", "stage2"), Arm("grpo", "grpo", "stage2"), Arm("stage1", "sft", "stage1")),
+        (
+            Arm("stage1", "sft", "stage1"),
+            Arm("sft", "sft", "stage2"),
+            Arm("warmup", "grpo", "stage2-warmup"),  # no records without a warm-up (the cpu size)
+            Arm("grpo", "grpo", "stage2"),
+        ),
         {
-            "tiny": {**_TINY, "train.eval_every": 2, "train.steps": 4},
+            "tiny": {**_TINY, "train.eval_every": 2, "train.steps": 4, "rl.sft_warmup_steps": 1},
             "cpu": {**_ARITH_CPU, "train.eval_every": 10, "train.steps": 30},
+            "demo": {"train.eval_every": 10},
             "paper": {**_PAPER, "train.eval_every": 20},
         },
         plots=("arms", "over_steps"),
+        metrics=("accuracy", "recall"),
         seeds=1,
+        reference="grpo",
     )
 
 

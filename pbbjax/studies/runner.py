@@ -84,16 +84,20 @@ def command_of(run: Run, preset: str, overrides: dict) -> str:
 # so that a study's committed results stay valid when such a field is added or set (a pod, a weaker
 # sandbox, wandb tracking, a profile, the attention kernel: every kernel computes the same attention).
 NOT_DIGESTED = ("workdir", "cluster", "sandbox", "log", "profile", "model.attention")
+# Fields added after results were committed, with the value that computes what the runs before them did:
+# left out of the digest at that value only, so that setting them makes a new run.
+DIGESTED_UNLESS = {"rl.sft_warmup_steps": 0}
 
 
 def digest(config) -> str:
     d = json.loads(config.to_json_best_effort(sort_keys=True))
-    for field in NOT_DIGESTED:
+    for field in (*NOT_DIGESTED, *DIGESTED_UNLESS):
         *parents, name = field.split(".")
         section = d
         for parent in parents:
             section = section.get(parent, {})
-        section.pop(name, None)
+        if field in NOT_DIGESTED or section.get(name) == DIGESTED_UNLESS[field]:
+            section.pop(name, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -30,6 +30,7 @@ from flax import nnx
 from pbbjax.config.run_config import RunConfig, build_config_curriculum
 from pbbjax.core.seeds import derive_seed
 from pbbjax.core.storage import Workdir
+from pbbjax.data.curriculum import WARMUP
 from pbbjax.data.formatting import chat_prompt
 from pbbjax.eval.harness import EvalJob, evaluate
 from pbbjax.inference.sampler import generation_ids
@@ -143,10 +144,13 @@ class Runner:
 
     # -- data -------------------------------------------------------------------------------------------
     def stage_data(self, stage):
-        """(packed-batch dataset, steps) of an SFT stage; (None, steps) of a GRPO stage."""
+        """(packed-batch dataset, steps) of an SFT stage; (None, steps) of a GRPO stage. A GRPO stage's SFT
+        warm-up takes ``rl.sft_warmup_steps``."""
         steps = self.config.train.steps
         if stage.name in self.rl_stages:
             return None, steps or self.rl.steps
+        if stage.name.removesuffix(WARMUP) in self.rl_stages:
+            steps = self.rl.sft_warmup_steps
         c = self.config
         return sft_batches(stage, self.tokenizer, self.pipeline, c.seed, c.train.epochs, steps)
 
