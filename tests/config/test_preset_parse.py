@@ -4,6 +4,7 @@ retroactive config's GRPO variants use, and its text form read back."""
 import dataclasses
 
 import pytest
+from conftest import load_config
 
 from pbbjax.config.schema import Preset, base_config, select_preset
 
@@ -32,6 +33,15 @@ def test_the_rl_variant_of_a_preset():
     """What a study's GRPO run loads: the same size and pod, as configs/retroactive.py reads it."""
     assert str(dataclasses.replace(Preset.parse("cpu"), rl=True)) == "rl"
     assert str(dataclasses.replace(Preset.parse("qwen3-8b,v5p-32"), rl=True)) == "rl-qwen3-8b,v5p-32"
+
+
+def test_rl_demo_is_grpo_at_the_demo_size_after_an_sft_warm_up():
+    """``rl-demo`` (the retroactive study's demo size): the main job's programs, GRPO with CoT-length
+    rollouts after SFT steps that teach the answer format, not the paper-scale GRPO settings."""
+    c = load_config("configs/retroactive.py:rl-demo")
+    assert c.data.num_train_instructions == 16 and c.data.cot  # the demo preset's data
+    assert c.rl.stages == ("stage2",) and c.rl.sft_warmup_steps == 10
+    assert c.rl.max_new_tokens == 48 and c.rl.prompts_per_step == 4  # not the paper's 512 and 32
 
 
 def test_select_preset_refuses_what_it_cannot_apply():

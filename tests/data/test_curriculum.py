@@ -10,7 +10,7 @@ from conftest import load_config
 
 from pbbjax.config.run_config import build_run_config, domain_of
 from pbbjax.config.schema import curriculum_config
-from pbbjax.data.curriculum import CURRICULA, CurriculumConfig, build_curriculum
+from pbbjax.data.curriculum import CURRICULA, CurriculumConfig, build_curriculum, with_warmups
 from pbbjax.data.tasks.base import get_domain
 
 SMALL = dict(
@@ -310,3 +310,21 @@ def test_stage1_from_another_domain(domains):
         build_curriculum(domains["ciphers"], "retroactive", cfg, domains["arithmetic"])
     with pytest.raises(ValueError, match="needs its domain"):
         build_curriculum(domains["ciphers"], "proactive", cfg)
+
+
+def test_with_warmups_puts_an_sft_stage_of_the_same_rows_before_each_named_stage(domains):
+    cur = build_curriculum(domains["arithmetic"], "retroactive", CurriculumConfig(**SMALL))
+    warm = with_warmups(cur, ("stage2",))
+    assert [s.name for s in warm.stages] == ["stage1", "stage2-warmup", "stage2"]
+    stage1, warmup, stage2 = warm.stages
+    assert stage1 == cur.stages[0] and stage2.rows == cur.stages[1].rows
+    assert [dataclasses.replace(r, stage="stage2") for r in warmup.rows] == stage2.rows
+    assert {r.stage for r in warmup.rows} == {"stage2-warmup"}
+    assert warmup.start_from is None and stage2.start_from is None  # warm-up after stage1, then stage2
+    ad = build_curriculum(domains["arithmetic"], "ad", CurriculumConfig(**SMALL))
+    branched = with_warmups(ad, ("ad3",))  # a branch's warm-up takes the branch point; the branch follows it
+    names = [s.name for s in branched.stages]
+    i = names.index("ad3-warmup")
+    assert names[i + 1] == "ad3"
+    assert branched.stages[i].start_from == "stage1" and branched.stages[i + 1].start_from is None
+    assert with_warmups(cur, ()).stages == cur.stages

@@ -267,6 +267,21 @@ def test_committed_results_match_todays_configs(name, preset):
             assert saved == study_runner.digest(runner.config(run, seed)), path
 
 
+def test_a_field_added_at_its_old_behaviour_keeps_the_digest_and_changes_it_when_set(tmp_path):
+    """``rl.sft_warmup_steps`` came after the retroactive study's results: at 0 (what those runs did) the
+    digest leaves it out, so they stay valid; set, it makes a new run."""
+    runner = study_runner.StudyRunner(STUDIES["retroactive"], "cpu", 1, tmp_path / "out", tmp_path / "runs")
+    run = STUDIES["retroactive"].runs[1]
+    config = runner.config(run, 0)
+    before = study_runner.digest(config)
+    config.rl.sft_warmup_steps = 0
+    del config.rl.sft_warmup_steps  # the config as it was before the field existed
+    assert study_runner.digest(config) == before
+    config = runner.config(run, 0)
+    config.rl.sft_warmup_steps = 3
+    assert study_runner.digest(config) != before
+
+
 def test_a_study_without_the_asked_size_names_the_presets_it_has(tmp_path):
     with pytest.raises(ValueError, match="study 'demo' has no 'cpu' size; presets: demo, tiny"):
         study_runner.StudyRunner(STUDIES["demo"], "cpu", 1, tmp_path / "out", tmp_path / "runs")

@@ -106,6 +106,8 @@ def test_config_errors():
         GRPOConfig(num_generations=1)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         GRPOConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="rl.sft_warmup_steps must be >= 0"):
+        GRPOConfig(sft_warmup_steps=-1)
 
 
 LOW = 64  # toy reward: the fraction of completion tokens below this id (chance 0.5 on a 128-token vocab)

@@ -105,14 +105,24 @@ def test_export_and_evaluate_clis_on_the_pod(runs, tmp_path):
 
 
 def test_grpo_preset_on_the_pod_equals_one_process(tmp_path):
+    """GRPO after an SFT warm-up on its own rows (``rl.sft_warmup_steps``), on a pod and on one process."""
     pod, one = tmp_path / "pod", tmp_path / "one"
     for processes, devices, workdir in ((2, 4, pod), (1, 8, one)):
         run_pod(processes, devices, "pbbjax.train", "--config", "configs/retroactive.py:rl-tiny",
-                "--config.train.eval_every=0", f"--config.workdir={workdir}")  # fmt: skip
+                "--config.train.eval_every=0", "--config.rl.sft_warmup_steps=2",
+                f"--config.workdir={workdir}")  # fmt: skip
     assert_close_tensors(pod / FINAL, one / FINAL, rtol=1e-5)
     assert accuracies(pod) == accuracies(one)
-    rewards = [json.loads(line) for line in (pod / "metrics.jsonl").read_text().splitlines()]
-    assert sum("stage2/reward" in r for r in rewards) == 4  # every GRPO iteration ran and logged
+    stages = json.loads((pod / "results.json").read_text())["stages"]
+    assert [(s["name"], s["trainer"], s["start_from"]) for s in stages] == [
+        ("stage1", "sft", None),
+        ("stage2-warmup", "sft", "stage1"),
+        ("stage2", "grpo", "stage2-warmup"),
+    ]
+    assert stages[1]["steps"] == 2
+    logged = [json.loads(line) for line in (pod / "metrics.jsonl").read_text().splitlines()]
+    assert sum("stage2/reward" in r for r in logged) == 4  # every GRPO iteration ran and logged
+    assert sum("stage2-warmup/loss" in r for r in logged) == 2
 
 
 def test_lora_run_on_the_pod_equals_one_process(tmp_path):
