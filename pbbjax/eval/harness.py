@@ -182,9 +182,14 @@ def generate_answers(
 
 def heldout_loss(eval_step, params, rows: list[Row], tokenizer, seq_len: int, batch_size: int, put) -> float:
     """Mean completion-token loss of ``rows`` (one padded example per row). ``batch_size`` must split over
-    the mesh's batch shards and the hosts (``loss_batch_size``); the last batch is filled with empty rows."""
-    examples = tokenize_rows(rows, tokenizer, seq_len)
-    cfg = PipelineConfig(seq_len=seq_len, batch_size=batch_size, pack=False)
+    the mesh's batch shards and the hosts (``loss_batch_size``); the last batch is filled with empty rows.
+    Rows are padded to ``seq_len``, or where a row is longer (a composition's two programs, say), to the
+    longest row rounded up to a multiple of 64: evaluation rows are not packed, so the training length
+    does not bound them."""
+    examples = tokenize_rows(rows, tokenizer)
+    longest = max((len(e["tokens"]) for e in examples), default=0)
+    length = seq_len if longest <= seq_len else -(-longest // 64) * 64
+    cfg = PipelineConfig(seq_len=length, batch_size=batch_size, pack=False)
     num = den = 0.0
     for batch in make_dataset(examples, cfg, jax.process_index(), jax.process_count()):
         n, d = eval_step(params, put(batch))

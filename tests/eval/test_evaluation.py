@@ -224,3 +224,33 @@ def test_every_accuracy_plot_and_table_shows_the_guessing_floor(tmp_path, monkey
     paths = write_plots(old, tmp_path / "old", title="test")
     assert drawn and all(v == [] for v in drawn.values())
     assert all(not line.endswith("0.2500") for line in results_table(old).splitlines()[2:])
+
+
+def test_heldout_loss_takes_rows_longer_than_the_training_length(smollm2_dir):
+    """A composition's row can outgrow ``pipeline.seq_len``: evaluation rows are not packed, so the loss
+    pads to the longest row (rounded up to 64) instead of refusing, and gives what a longer seq_len gives."""
+    import jax
+    from flax import nnx
+
+    from pbbjax import load_model
+    from pbbjax.data.formatting import Row
+    from pbbjax.data.pipeline import ExampleTooLongError, tokenize_rows
+    from pbbjax.eval.harness import heldout_loss
+    from pbbjax.training import sft
+
+    model, tokenizer = load_model(smollm2_dir)
+    step = sft.make_eval_step(nnx.split(model)[0], "token")
+    long = "def f(x):\n" + "".join(f"    x = x + {i}\n" for i in range(12)) + "    return x"
+    rows = [
+        Row("eval", "execution", "a", "eval", "What is f(2)?\n" + long, "Answer: 68"),
+        Row("eval", "execution", "b", "eval", "What is 1 + 1?", "Answer: 2"),
+    ]
+    lengths = [len(e["tokens"]) for e in tokenize_rows(rows, tokenizer)]
+    short = lengths[1] + 8
+    assert lengths[0] > short
+    with pytest.raises(ExampleTooLongError):  # training refuses such a row at this length
+        tokenize_rows(rows, tokenizer, short)
+    params, put = nnx.state(model), lambda batch: jax.tree.map(jax.numpy.asarray, batch)
+    got = heldout_loss(step, params, rows, tokenizer, short, 2, put)
+    want = heldout_loss(step, params, rows, tokenizer, 256, 2, put)
+    assert np.isfinite(got) and got == pytest.approx(want, rel=1e-5)
