@@ -16,8 +16,8 @@ import jax
 
 from pbbjax.config.run_config import build_run_config
 from pbbjax.config.schema import Preset
-from pbbjax.studies.catalog import COMMON, Arm, Run, Study
 from pbbjax.studies.report import report
+from pbbjax.studies.spec import COMMON, Arm, Run, Study
 from pbbjax.training import aot
 from pbbjax.training.run import train
 
