@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from pbbjax.models import attention
 from pbbjax.models.architecture import ModelConfig, resolve_dtype
 from pbbjax.models.layers import DecoderLayer, KVCache, make_param, rms_norm, rope_cos_sin, rope_inv_freq
+from pbbjax.models.linear import project
 from pbbjax.models.sharding import constrain
 
 REMAT_POLICIES = {
@@ -88,8 +89,10 @@ class Transformer(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final norm and LM head: hidden [B, T, D] -> fp32 logits [B, T, V]."""
         x = rms_norm(hidden, self.final_norm[...], self.cfg.rms_norm_eps)
-        head = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        if self.cfg.tie_word_embeddings:  # the embedding [vocab, embed] as it is: no transposed copy
+            logits = project(x, self.embed[...].astype(x.dtype), w_out_first=True, out_dtype=jnp.float32)
+        else:
+            logits = project(x, self.lm_head[...].astype(x.dtype), out_dtype=jnp.float32)
         return constrain(logits, self.mesh, ("batch", "length", "act_vocab"))
 
     def hidden_states(
@@ -121,9 +124,7 @@ class Transformer(nnx.Module):
     def unstacked_layers(self) -> list[DecoderLayer]:
         """One ``DecoderLayer`` per layer, its parameters sliced out of the stacked ones."""
         graphdef, state = nnx.split(self.layers)
-        return [
-            nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(self.cfg.num_layers)
-        ]
+        return [nnx.merge(graphdef, layer) for layer in unstack_layers(state, self.cfg.num_layers)]
 
     def cached_hidden_states(
         self, input_ids, positions, cache: tuple[KVCache, ...], index, key_valid, layers=None
@@ -162,7 +163,16 @@ class Transformer(nnx.Module):
         if self.cfg.scan_layers:
             return jax.lax.scan(body, x, (state, per_layer))
         outs = []
-        for i in range(self.cfg.num_layers):
-            x, y = body(x, jax.tree.map(lambda a, i=i: a[i], (state, per_layer)))
+        for xs in unstack_layers((state, per_layer), self.cfg.num_layers):
+            x, y = body(x, xs)
             outs.append(y)
         return x, (None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs))
+
+
+def unstack_layers(tree, num_layers: int) -> list:
+    """``tree`` (arrays with a leading layers axis) as one tree per layer. Each array is split once
+    (``jnp.unstack``), so that the gradient of the layers' parameters is one concatenation; indexing each
+    layer out (``a[i]``) made it a sum of ``num_layers`` zero-padded copies of the whole stack."""
+    leaves, treedef = jax.tree.flatten(tree)
+    per_leaf = [jnp.unstack(a) for a in leaves]
+    return [treedef.unflatten([parts[i] for parts in per_leaf]) for i in range(num_layers)]

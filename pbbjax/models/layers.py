@@ -28,6 +28,7 @@ from flax import nnx
 from pbbjax.models import lora
 from pbbjax.models.architecture import ModelConfig, RopeConfig, resolve_dtype
 from pbbjax.models.attention import SelfAttentionMask, self_attention
+from pbbjax.models.linear import project
 
 _INIT_STD = 0.02
 
@@ -120,7 +121,7 @@ class Attention(nnx.Module):
         dt = x.dtype
 
         def proj(name):
-            y = jnp.einsum("btd,dnh->btnh", x, getattr(self, f"{name}_proj")[...].astype(dt))
+            y = project(x, getattr(self, f"{name}_proj")[...].astype(dt))
             y = lora.apply(self, f"{name}_proj", x, y, key)
             if self.cfg.qkv_bias:
                 y = y + getattr(self, f"{name}_bias")[...].astype(dt)
@@ -135,7 +136,7 @@ class Attention(nnx.Module):
     def attend(self, q, k, v, mask: SelfAttentionMask, key=None) -> jax.Array:
         """Attention over the sequence's own keys/values [B,T,K,H] by ``mask.kernel`` -> [B,T,D]."""
         out = self_attention(q, k, v, mask)
-        y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(v.dtype))
+        y = project(out, self.o_proj[...].astype(v.dtype), inputs=2)
         return self.o_adapter_and_bias(out, y, key)
 
     def attend_cache(self, q, k, v, mask: jax.Array, cache: KVCache, index) -> tuple[jax.Array, KVCache]:
@@ -156,8 +157,9 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
         out = jnp.einsum("bkqs,bksh->bkqh", probs, v_cache)
         out = out.reshape(b, kv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, n * hd)
-        y = out @ self.o_proj[...].reshape(n * hd, -1).astype(out.dtype)
-        return self.o_adapter_and_bias(out.reshape(b, t, n, hd), y), KVCache(k_cache, v_cache)
+        out = out.reshape(b, t, n, hd)
+        y = project(out, self.o_proj[...].astype(out.dtype), inputs=2)
+        return self.o_adapter_and_bias(out, y), KVCache(k_cache, v_cache)
 
     def o_adapter_and_bias(self, out: jax.Array, y: jax.Array, key=None) -> jax.Array:
         """``y`` = ``out`` [B,T,N,H] through o_proj, plus o_proj's adapter and bias where it has them."""
@@ -191,7 +193,8 @@ class MLP(nnx.Module):
         dt = x.dtype
 
         def dense(name, x):
-            y = lora.apply(self, f"{name}_proj", x, x @ getattr(self, f"{name}_proj")[...].astype(dt), key)
+            w = getattr(self, f"{name}_proj")[...].astype(dt)
+            y = lora.apply(self, f"{name}_proj", x, project(x, w), key)
             return y + getattr(self, f"{name}_bias")[...].astype(dt) if self.cfg.mlp_bias else y
 
         return dense("down", jax.nn.silu(dense("gate", x)) * dense("up", x))

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from pbbjax.models.architecture import ModelConfig, resolve_dtype
+from pbbjax.models.linear import project
 
 # How many leading (non-layer) axes of each projection's kernel are its inputs (layers.py's layouts).
 INPUT_AXES = {
@@ -94,8 +95,8 @@ def apply(module: nnx.Module, name: str, x: jax.Array, y: jax.Array, key=None) -
     if key is not None and p > 0:
         keep = jax.random.bernoulli(jax.random.fold_in(key, zlib.crc32(name.encode())), 1.0 - p, x.shape)
         x = jnp.where(keep, x / (1.0 - p), 0).astype(dt)
-    h = jnp.tensordot(x, a[...].astype(dt), axes=INPUT_AXES[name])
-    delta = jnp.tensordot(h, b[...].astype(dt), axes=1)
+    h = project(x, a[...].astype(dt), inputs=INPUT_AXES[name])
+    delta = project(h, b[...].astype(dt))
     return y + (delta * module.cfg.lora.scale).astype(y.dtype)
 
 

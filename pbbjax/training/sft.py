@@ -81,14 +81,16 @@ def masked_loss_sums(logits, tokens, loss_mask, segment_ids, mode: str) -> tuple
     count is an integer (completion tokens, or sequences with any) held exactly in float32, so that counts
     of microbatches add up to the whole batch's on any CPU.
     """
-    logits, targets = logits[:, :-1], tokens[:, 1:]
-    weight = loss_mask[:, 1:].astype(jnp.float32)
+    # every position is scored and the last one weighted 0: slicing the logits to T - 1 positions copied
+    # the [B, T, vocab] logits forward and zero-padded their gradient back (XLA:CPU)
+    targets = _next(tokens, 0)
+    weight = _next(loss_mask, 0).astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     if mode == "token":
         return jnp.sum(ce * weight), jnp.sum(weight)
     # "sequence": each sequence's completion tokens share a total weight of 1; the count is the number of
     # sequences with completion tokens (each counted at its last one), not the float sum of the weights
-    seg = segment_ids[:, 1:]
+    seg = _next(segment_ids, -1)  # the last position's own segment: weight 0, counted in none
     same = (seg[:, :, None] == seg[:, None, :]).astype(jnp.float32)
     per_seq_tokens = jnp.einsum("bts,bs->bt", same, weight)
     later = jnp.einsum("bts,bs->bt", same * jnp.triu(jnp.ones_like(same[0]), 1), weight)
@@ -138,6 +140,11 @@ def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh:
     opt_state = jax.jit(optimizer.init, out_shardings=layout["opt_state"])(trainable_split(params)[0])
     step = jax.device_put(jnp.zeros((), jnp.int32), layout["step"])
     return {"params": params, "opt_state": opt_state, "step": step}
+
+
+def _next(x: jax.Array, fill) -> jax.Array:
+    """``x`` shifted one position left along time, ``fill`` at the last position: [B, T] -> [B, T]."""
+    return jnp.concatenate([x[:, 1:], jnp.full_like(x[:, :1], fill)], axis=1)
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, mode: str):
