@@ -104,9 +104,13 @@ def make_logprob_fn(graphdef, temperature: float):
 
     def logprobs(params, batch):
         model = nnx.merge(graphdef, params)
-        logits = model(batch["tokens"], attention_mask=batch["attention_mask"])[:, :-1] / temperature
+        # every position's logits, sliced to T - 1 only as per-token log-probs: slicing the [B, T, vocab]
+        # logits would copy them and pad their gradient (see sft.masked_loss_sums)
+        logits = model(batch["tokens"], attention_mask=batch["attention_mask"]) / temperature
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        return jnp.take_along_axis(logp, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
+        tokens = batch["tokens"]
+        following = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)  # the last one is never read
+        return jnp.take_along_axis(logp, following[..., None], axis=-1)[:, :-1, 0]
 
     return logprobs
 
