@@ -156,8 +156,7 @@ class Attention(nnx.Module):
         scores = jnp.where(jnp.tile(mask, (1, g, 1))[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
         out = jnp.einsum("bkqs,bksh->bkqh", probs, v_cache)
-        out = out.reshape(b, kv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, n * hd)
-        out = out.reshape(b, t, n, hd)
+        out = out.reshape(b, kv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, n, hd)
         y = project(out, self.o_proj[...].astype(out.dtype), inputs=2)
         return self.o_adapter_and_bias(out, y), KVCache(k_cache, v_cache)
 

@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pbbjax.config.sections import GRPOConfig
-from pbbjax.training.sft import apply_gradients, batch_sharding, trainable_value_and_grad
+from pbbjax.training.sft import apply_gradients, batch_sharding, shift_left, trainable_value_and_grad
 
 
 # -- pure functions -------------------------------------------------------------------------------------
@@ -108,8 +108,7 @@ def make_logprob_fn(graphdef, temperature: float):
         # logits would copy them and pad their gradient (see sft.masked_loss_sums)
         logits = model(batch["tokens"], attention_mask=batch["attention_mask"]) / temperature
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        tokens = batch["tokens"]
-        following = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)  # the last one is never read
+        following = shift_left(batch["tokens"], 0)  # the last position's is never read
         return jnp.take_along_axis(logp, following[..., None], axis=-1)[:, :-1, 0]
 
     return logprobs

@@ -83,14 +83,14 @@ def masked_loss_sums(logits, tokens, loss_mask, segment_ids, mode: str) -> tuple
     """
     # every position is scored and the last one weighted 0: slicing the logits to T - 1 positions copied
     # the [B, T, vocab] logits forward and zero-padded their gradient back (XLA:CPU)
-    targets = _next(tokens, 0)
-    weight = _next(loss_mask, 0).astype(jnp.float32)
+    targets = shift_left(tokens, 0)
+    weight = shift_left(loss_mask, 0).astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     if mode == "token":
         return jnp.sum(ce * weight), jnp.sum(weight)
     # "sequence": each sequence's completion tokens share a total weight of 1; the count is the number of
     # sequences with completion tokens (each counted at its last one), not the float sum of the weights
-    seg = _next(segment_ids, -1)  # the last position's own segment: weight 0, counted in none
+    seg = shift_left(segment_ids, -1)  # the last position's own segment: weight 0, counted in none
     same = (seg[:, :, None] == seg[:, None, :]).astype(jnp.float32)
     per_seq_tokens = jnp.einsum("bts,bs->bt", same, weight)
     later = jnp.einsum("bts,bs->bt", same * jnp.triu(jnp.ones_like(same[0]), 1), weight)
@@ -142,7 +142,7 @@ def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh:
     return {"params": params, "opt_state": opt_state, "step": step}
 
 
-def _next(x: jax.Array, fill) -> jax.Array:
+def shift_left(x: jax.Array, fill) -> jax.Array:
     """``x`` shifted one position left along time, ``fill`` at the last position: [B, T] -> [B, T]."""
     return jnp.concatenate([x[:, 1:], jnp.full_like(x[:, :1], fill)], axis=1)
 
