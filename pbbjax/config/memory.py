@@ -21,8 +21,10 @@ Train step (``training/sft.py``), in order of the table:
   one layer is rebuilt at a time; with unrolled layers, XLA:CPU's compiled step keeps about as much
   under ``full`` as under ``none`` (``scripts/train_memory.py`` compares the compiled step
   with this estimate).
-- ``logits``: one fp32 ``[tokens, vocab]`` buffer per microbatch (XLA fuses the log-softmax and its
-  gradient into consumers of the logits rather than keeping copies).
+- ``logits``: without FSDP the train step's cross-entropy holds the logits of one chunk of positions at
+  a time (``models/cross_entropy.py``), two fp32 ``[chunk tokens, vocab]`` buffers (the logits and their
+  gradient); with FSDP one fp32 ``[tokens, vocab]`` buffer per microbatch (XLA fuses the log-softmax and
+  its gradient into consumers of the logits rather than keeping copies).
 
 With LoRA (``cfg.lora``) the base weights are frozen in ``param_dtype`` and only the adapters (in
 ``cfg.lora.dtype``) are trained: ``params`` holds both, ``optimizer`` and ``gradients`` the adapters only,
@@ -44,6 +46,7 @@ import dataclasses
 import numpy as np
 
 from pbbjax.models.architecture import ModelConfig
+from pbbjax.models.cross_entropy import chunked_loss, time_chunks
 
 GIB = 1024**3
 
@@ -122,9 +125,9 @@ def layer_activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int, policy: 
         return tokens * ((2 * q + 2 * kv + 3 * d + 2 * f) * c + scores + lora)
     if policy == "dots_no_batch":  # the batched dots (scores, PV) are recomputed
         return tokens * ((q + 2 * kv + 3 * d + 2 * f) * c + lora)
-    # norms, q/k/v before and after norm and rope, PV, o, residual, gate, up, silu(gate), gate*up, down;
-    # the fp32 scores and probabilities and the probabilities' compute-dtype copy
-    forward = tokens * ((5 * d + 3 * q + 4 * kv + 4 * f) * c + 2 * scores + scores // 4 * c + lora)
+    # norms, q/k/v before and after norm and rope, PV, o, residual, gate, up, sigmoid(gate), gate*up, down;
+    # the attention probabilities in the compute dtype (attention.xla_attention keeps nothing else [T, S])
+    forward = tokens * ((5 * d + 3 * q + 4 * kv + 4 * f) * c + scores // 4 * c + lora)
     return forward + (2 * tokens * scores if policy == "backward" else 0)
 
 
@@ -143,14 +146,22 @@ def train_estimate(
     keep = layer_activation_bytes(cfg, tokens, seq_len, policy, layout.tensor) * cfg.num_layers
     if cfg.remat == "full":
         keep += layer_activation_bytes(cfg, tokens, seq_len, "backward", layout.tensor)
+    # the chunked cross-entropy's logits and their gradient, or the full logits (fused into their consumers)
+    logit_tokens = 2 * _chunk_tokens(tokens, seq_len) if chunked_loss(layout.fsdp) else tokens
     return {
         "params": n * p // layout.param_shards + adapter_bytes(cfg, layout),
         "optimizer": 2 * trained,
         "gradients": (2 if microbatches > 1 else 1) * trained,
         "layer weights": working,
         "activations": keep,
-        "logits": tokens * cfg.vocab_size * 4 // layout.tensor,
+        "logits": logit_tokens * cfg.vocab_size * 4 // layout.tensor,
     }
+
+
+def _chunk_tokens(tokens: int, seq_len: int) -> int:
+    """Tokens per chip whose logits the train step holds at once (``cross_entropy.time_chunks``)."""
+    rows = max(tokens // seq_len, 1)
+    return rows * seq_len // time_chunks(rows, seq_len)
 
 
 def sample_estimate(

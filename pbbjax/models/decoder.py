@@ -88,12 +88,21 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final norm and LM head: hidden [B, T, D] -> fp32 logits [B, T, V]."""
-        x = rms_norm(hidden, self.final_norm[...], self.cfg.rms_norm_eps)
-        if self.cfg.tie_word_embeddings:  # the embedding [vocab, embed] as it is: no transposed copy
-            logits = project(x, self.embed[...].astype(x.dtype), w_out_first=True, out_dtype=jnp.float32)
-        else:
-            logits = project(x, self.lm_head[...].astype(x.dtype), out_dtype=jnp.float32)
+        x = self.final_normed(hidden)
+        head, out_first = self.head_weight(x.dtype)
+        logits = project(x, head, w_out_first=out_first, out_dtype=jnp.float32)
         return constrain(logits, self.mesh, ("batch", "length", "act_vocab"))
+
+    def final_normed(self, hidden: jax.Array) -> jax.Array:
+        """The final norm of the last layer's output [B, T, D]: what the LM head reads."""
+        return rms_norm(hidden, self.final_norm[...], self.cfg.rms_norm_eps)
+
+    def head_weight(self, dtype) -> tuple[jax.Array, bool]:
+        """(the LM head's matrix in ``dtype``, whether it is [vocab, embed]): the tied embedding as it is,
+        with no transposed copy, or the untied head [embed, vocab]."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed[...].astype(dtype), True
+        return self.lm_head[...].astype(dtype), False
 
     def hidden_states(
         self, input_ids, attention_mask=None, positions=None, segment_ids=None, dropout_key=None

@@ -150,7 +150,7 @@ class Attention(nnx.Module):
         v_cache = jax.lax.dynamic_update_slice(
             cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), (0, 0, index, 0)
         )
-        # Query rows grouped per KV head: [B, K, G*T, H], row g*T + t (GQA as in attention.attention_weights).
+        # Query rows grouped per KV head: [B, K, G*T, H], row g*T + t (GQA as in attention.xla_attention).
         q = q.reshape(b, t, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)
         scores = jnp.einsum("bkqh,bkhs->bkqs", q, k_cache, preferred_element_type=jnp.float32) * (hd**-0.5)
         scores = jnp.where(jnp.tile(mask, (1, g, 1))[:, None], scores, jnp.finfo(jnp.float32).min)
@@ -196,7 +196,29 @@ class MLP(nnx.Module):
             y = lora.apply(self, f"{name}_proj", x, project(x, w), key)
             return y + getattr(self, f"{name}_bias")[...].astype(dt) if self.cfg.mlp_bias else y
 
-        return dense("down", jax.nn.silu(dense("gate", x)) * dense("up", x))
+        return dense("down", swiglu(dense("gate", x), dense("up", x)))
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up, whose gradient needs only ``gate`` and ``up`` (and recomputes the sigmoid). Autodiff
+    kept silu(gate) and the sigmoid as well, two more ``[tokens, mlp]`` tensors per layer; XLA:CPU still
+    keeps the sigmoid (it merges the recomputation with the forward's), one fewer."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, d_out):
+    gate, up = residuals
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    return d_out * up * (sig + silu * (1 - sig)), d_out * silu
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class DecoderLayer(nnx.Module):

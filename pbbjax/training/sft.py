@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pbbjax.config.sections import OptimConfig
+from pbbjax.models.cross_entropy import chunked_loss, head_cross_entropy
 from pbbjax.models.lora import dropout_key, trainable_split
 from pbbjax.models.sharding import logical_to_spec
 
@@ -74,20 +75,20 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw) if cfg.max_grad_norm else adamw
 
 
-def masked_loss_sums(logits, tokens, loss_mask, segment_ids, mode: str) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted token losses, count) for next-token prediction on completion tokens.
+def loss_weights(tokens, loss_mask, segment_ids, mode: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(targets [B, T], weights [B, T] fp32, count) of next-token prediction on completion tokens: the loss
+    is ``sum(weights * CE(position t -> targets[t]))`` and its mean that over ``count``.
 
-    Position t predicts token t+1; ``loss_mask[t+1]`` says whether token t+1 is a completion token. The
-    count is an integer (completion tokens, or sequences with any) held exactly in float32, so that counts
-    of microbatches add up to the whole batch's on any CPU.
+    Position t predicts token t+1; ``loss_mask[t+1]`` says whether token t+1 is a completion token. Every
+    position is scored and the last one weighted 0 (slicing to T - 1 positions copied the [B, T, vocab]
+    logits forward and zero-padded their gradient back on XLA:CPU). The count is an integer (completion
+    tokens, or sequences with any) held exactly in float32, so that counts of microbatches add up to the
+    whole batch's on any CPU.
     """
-    # every position is scored and the last one weighted 0: slicing the logits to T - 1 positions copied
-    # the [B, T, vocab] logits forward and zero-padded their gradient back (XLA:CPU)
     targets = shift_left(tokens, 0)
     weight = shift_left(loss_mask, 0).astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     if mode == "token":
-        return jnp.sum(ce * weight), jnp.sum(weight)
+        return targets, weight, jnp.sum(weight)
     # "sequence": each sequence's completion tokens share a total weight of 1; the count is the number of
     # sequences with completion tokens (each counted at its last one), not the float sum of the weights
     seg = shift_left(segment_ids, -1)  # the last position's own segment: weight 0, counted in none
@@ -95,7 +96,14 @@ def masked_loss_sums(logits, tokens, loss_mask, segment_ids, mode: str) -> tuple
     per_seq_tokens = jnp.einsum("bts,bs->bt", same, weight)
     later = jnp.einsum("bts,bs->bt", same * jnp.triu(jnp.ones_like(same[0]), 1), weight)
     sequences = jnp.sum(jnp.where((weight > 0) & (later == 0), 1.0, 0.0))
-    return jnp.sum(ce * weight / jnp.maximum(per_seq_tokens, 1.0)), sequences
+    return targets, weight / jnp.maximum(per_seq_tokens, 1.0), sequences
+
+
+def masked_loss_sums(logits, tokens, loss_mask, segment_ids, mode: str) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted token losses, count) from ``logits`` [B, T, V] (``loss_weights``'s weighting)."""
+    targets, weights, count = loss_weights(tokens, loss_mask, segment_ids, mode)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(ce * weights), count
 
 
 def batch_sharding(mesh: Mesh | None) -> jax.sharding.Sharding:
@@ -152,13 +160,23 @@ def make_loss_fn(graphdef: nnx.GraphDef, mode: str):
 
     def loss_fn(params, batch, dropout_key=None):
         model = nnx.merge(graphdef, params)
-        logits = model(
+        hidden = model.hidden_states(
             batch["tokens"],
             positions=batch["positions"],
             segment_ids=batch["segment_ids"],
             dropout_key=dropout_key,
         )
-        return masked_loss_sums(logits, batch["tokens"], batch["loss_mask"], batch["segment_ids"], mode)
+        if not chunked_loss(1 if model.mesh is None else model.mesh.shape["fsdp"]):
+            return masked_loss_sums(
+                model.logits(hidden), batch["tokens"], batch["loss_mask"], batch["segment_ids"], mode
+            )
+        targets, weights, count = loss_weights(
+            batch["tokens"], batch["loss_mask"], batch["segment_ids"], mode
+        )
+        # the logits a chunk at a time, never all [B, T, vocab] of them (pbbjax.models.cross_entropy)
+        x = model.final_normed(hidden)
+        head, out_first = model.head_weight(x.dtype)
+        return head_cross_entropy(x, head, targets, weights, head_out_first=out_first, mesh=model.mesh), count
 
     return loss_fn
 
@@ -207,11 +225,20 @@ def apply_gradients(state: dict, grads, loss, optimizer) -> tuple[dict, jax.Arra
     last good checkpoint)."""
     trainable, frozen = trainable_split(state["params"])
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
-    old = {"params": trainable, "opt_state": state["opt_state"], "step": state["step"]}
-    new = {"params": optax.apply_updates(trainable, updates), "opt_state": opt_state, "step": old["step"] + 1}
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    def update(old):
+        updates, opt_state = optimizer.update(grads, old["opt_state"], old["params"])
+        return {
+            "params": optax.apply_updates(old["params"], updates),
+            "opt_state": opt_state,
+            "step": old["step"] + 1,
+        }
+
+    # a branch, not jnp.where(finite, new, old): with both the old and the new state live, XLA:CPU copied
+    # every optimizer moment at the start of the step (0.8 GiB of SmolLM2-135M's peak memory)
+    old = {"params": trainable, "opt_state": state["opt_state"], "step": state["step"]}
+    kept = jax.lax.cond(finite, update, lambda old: old, old)
     return kept | {"params": nnx.merge_state(kept["params"], frozen)}, grad_norm, finite
 
 

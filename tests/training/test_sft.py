@@ -77,11 +77,16 @@ def test_accumulating_k_microbatches_equals_one_batch(hf_dirs, mode):
     assert np.allclose(l1, l4, rtol=1e-5)
 
 
-def test_sharded_step_equals_single_device(hf_dirs):
-    path = hf_dirs["llama_gqa"][1]
+@pytest.mark.parametrize(
+    "model,axes",  # fsdp > 1: the full logits' loss; fsdp = 1: the chunked one, its vocabulary over tensor
+    [("llama_gqa", (2, 2, 2)), ("llama_gqa", (2, 1, 4)), ("qwen2_tied", (2, 1, 4))],
+)
+def test_sharded_step_equals_single_device(hf_dirs, model, axes):
+    """Three steps on a mesh equal three on one device (whose loss is the chunked cross-entropy)."""
+    path = hf_dirs[model][1]
     batches = [_batch(8, seed=s) for s in range(3)]
     single, l1 = _run(path, OptimConfig(), batches)
-    sharded, l8 = _run(path, OptimConfig(), batches, mesh=make_mesh(2, 2, 2))
+    sharded, l8 = _run(path, OptimConfig(), batches, mesh=make_mesh(*axes))
     assert np.allclose(l1, l8, atol=1e-5)
     for a, b in zip(jax.tree.leaves(single["params"]), jax.tree.leaves(sharded["params"]), strict=True):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5

@@ -1,0 +1,129 @@
+"""Next-token cross-entropy through the LM head, without ever holding the ``[tokens, vocab]`` logits.
+
+``head_cross_entropy(x, head, targets, weights)`` is ``sum_t weights[t] * CE(x[t] @ head, targets[t])``
+for the final-normed hidden states ``x [B, T, D]``. It computes the logits a chunk of positions at a time
+(``lax.scan`` over the time axis, every row in each chunk, so that rows stay split over the mesh's batch
+axes and the vocabulary over ``tensor``). Under differentiation each chunk's gradient ``softmax - onehot``
+is formed right after its logits and contracted with the head and the chunk at once, so the forward pass
+returns the gradients (the loss is the scalar the step differentiates) and the backward pass only scales
+them. Autodiff of ``log_softmax(x @ head)`` held four fp32 ``[tokens, vocab]``
+arrays (the logits, their exponentials, the one-hot scatter and the gradient): 1.5 GiB for SmolLM2-135M at
+8 x 256 tokens, where a chunk here holds about 100 MB (``CHUNK_TOKENS``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from pbbjax.models.linear import project
+from pbbjax.models.sharding import batch_shards, constrain
+
+CHUNK_TOKENS = 512  # tokens (rows x positions) whose logits a device holds at once, at most
+
+
+def chunked_loss(fsdp: int) -> bool:
+    """Whether the train step uses ``head_cross_entropy`` on a mesh whose ``fsdp`` axis has this size (1
+    without a mesh). Not when FSDP shards the head: its gathered copy then stays live through the chunk loop,
+    beside everything the forward pass keeps, which cost more than the full logits it saves (Qwen3-14B on
+    v5p-64: +1.37 GiB of temporaries per chip, docs/scale.md). On one device it saves them (SmolLM2-135M
+    at 8 x 256 on a CPU: 0.44 GiB of the step's temporaries, benchmarks/README.md)."""
+    return fsdp == 1
+
+
+def time_chunks(batch: int, length: int) -> int:
+    """How many chunks the time axis splits into: the fewest (each a divisor of ``length``) with at most
+    ``CHUNK_TOKENS`` tokens over ``batch`` rows (a device's), or one position per chunk."""
+    for k in range(1, length + 1):
+        if length % k == 0 and batch * (length // k) <= CHUNK_TOKENS:
+            return k
+    return length
+
+
+def head_cross_entropy(
+    x: jax.Array,
+    head: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    head_out_first: bool,
+    mesh: Mesh | None = None,
+) -> jax.Array:
+    """Sum over positions of ``weights * CE(x @ head, targets)``: ``x [B, T, D]`` (after the final norm, in
+    the compute dtype), ``head [D, V]`` (``head_out_first``: ``[V, D]``, a tied embedding as it is),
+    ``targets [B, T]`` int, ``weights [B, T]`` fp32 -> a fp32 scalar. Gradients flow to ``x`` and ``head``.
+    On a ``mesh``, each chunk's logits and the head's gradient keep the model's layout (rows over the batch
+    axes, the vocabulary over ``tensor``, the head's gradient sharded as the head)."""
+    return _cross_entropy((head_out_first, mesh), x, head, targets, weights)
+
+
+def _chunked(a: jax.Array, k: int) -> jax.Array:
+    """[B, T, ...] -> [k, B, T / k, ...]: the scan's leading axis."""
+    b, t = a.shape[:2]
+    return jnp.moveaxis(a.reshape(b, k, t // k, *a.shape[2:]), 1, 0)
+
+
+def _logits(layout, x: jax.Array, head: jax.Array) -> jax.Array:
+    out_first, mesh = layout
+    logits = project(x, head, w_out_first=out_first, out_dtype=jnp.float32)
+    return constrain(logits, mesh, ("batch", "length", "act_vocab"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _cross_entropy(layout, x, head, targets, weights):
+    """The loss alone (evaluation): one head product per chunk."""
+    k = time_chunks(max(x.shape[0] // batch_shards(layout[1]), 1), x.shape[1])
+
+    def chunk(total, xs):
+        xc, tc, wc = xs
+        logits = _logits(layout, xc, head)
+        target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+        return total + jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logit) * wc), None
+
+    xs = (_chunked(x, k), _chunked(targets, k), _chunked(weights, k))
+    return jax.lax.scan(chunk, jnp.zeros((), jnp.float32), xs)[0]
+
+
+def _forward(layout, x, head, targets, weights):
+    """The loss and its gradients at once (training): the loss is the scalar the step differentiates, so its
+    cotangent only scales them. Three head products per chunk (logits, d x, d head), as autodiff of the full
+    logits has, and no recomputation in the backward pass."""
+    k = time_chunks(max(x.shape[0] // batch_shards(layout[1]), 1), x.shape[1])
+    out_first, mesh = layout
+    vocab = head.shape[0] if out_first else head.shape[1]
+    head_axes = ("vocab", "embed") if out_first else ("embed", "vocab")
+
+    def chunk(carry, xs):
+        total, d_head = carry
+        xc, tc, wc = xs
+        logits = _logits(layout, xc, head)
+        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+        hit = jnp.arange(vocab) == tc[..., None]
+        total = total + jnp.sum((lse[..., 0] - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)) * wc)
+        probs = jnp.exp(logits - lse)
+        d_logits = (jnp.where(hit, probs - 1.0, probs) * wc[..., None]).astype(x.dtype)  # softmax - onehot
+        # d x = d_logits @ head^T; d head = x^T d_logits over the chunk's tokens ([V, D] or [D, V])
+        d_x = project(d_logits, head, w_out_first=not out_first)
+        flat_x, flat_d = xc.reshape(-1, xc.shape[-1]), d_logits.reshape(-1, vocab)
+        a, b = (flat_d, flat_x) if out_first else (flat_x, flat_d)
+        d_head = d_head + jax.lax.dot_general(
+            a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        return (total, d_head), d_x
+
+    zero = (jnp.zeros((), jnp.float32), constrain(jnp.zeros(head.shape, jnp.float32), mesh, head_axes))
+    xs = (_chunked(x, k), _chunked(targets, k), _chunked(weights, k))
+    (total, d_head), d_x = jax.lax.scan(chunk, zero, xs)
+    d_x = jnp.moveaxis(d_x, 0, 1).reshape(x.shape)
+    return total, (d_x, d_head.astype(head.dtype))
+
+
+def _backward(layout, residuals, g):
+    d_x, d_head = residuals
+    return (g * d_x).astype(d_x.dtype), (g * d_head).astype(d_head.dtype), None, None
+
+
+_cross_entropy.defvjp(_forward, _backward)
