@@ -28,9 +28,9 @@ CHUNK_TOKENS = 512  # tokens (rows x positions) whose logits a device holds at o
 def chunked_loss(fsdp: int) -> bool:
     """Whether the train step uses ``head_cross_entropy`` on a mesh whose ``fsdp`` axis has this size (1
     without a mesh). Not when FSDP shards the head: its gathered copy then stays live through the chunk loop,
-    beside everything the forward pass keeps, which cost more than the full logits it saves (Qwen3-14B on
-    v5p-64: +1.37 GiB of temporaries per chip, docs/scale.md). On one device it saves them (SmolLM2-135M
-    at 8 x 256 on a CPU: 0.44 GiB of the step's temporaries, benchmarks/README.md)."""
+    and the step's peak moved there (Qwen3-14B on v5p-64: 7.09 GiB of temporaries per chip against 6.95
+    with the full logits, docs/scale.md). On one device it saves the logits (SmolLM2-135M at 8 x 256 on a
+    CPU: 0.44 GiB of the step's temporaries, benchmarks/README.md)."""
     return fsdp == 1
 
 
