@@ -112,8 +112,9 @@ def layer_activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int, policy: 
     """Bytes one layer holds over ``tokens`` tokens per chip, each attending ``seq_len`` keys.
 
     ``policy``: a remat policy name (what the backward pass keeps of the layer), ``"forward"`` (every
-    intermediate of the forward pass, as ``none`` keeps it) or ``"backward"`` (those and the fp32 gradients
-    of the attention scores and probabilities: what ``full`` holds while it rebuilds one layer)."""
+    intermediate of the forward pass, as ``none`` keeps it), ``"backward"`` (those and the fp32 gradients
+    of the attention scores and probabilities: what ``full`` holds while it rebuilds one layer) or
+    ``"prefill"`` (the forward's, with the KV-cache attention's fp32 scores and probabilities)."""
     c = _bytes(cfg.compute_dtype)
     d, f = cfg.hidden_size, cfg.intermediate_size // tensor
     q, kv = cfg.num_heads * cfg.head_dim // tensor, cfg.num_kv_heads * cfg.head_dim // tensor
@@ -128,7 +129,7 @@ def layer_activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int, policy: 
     # norms, q/k/v before and after norm and rope, PV, o, residual, gate, up, sigmoid(gate), gate*up, down;
     # the attention probabilities in the compute dtype (attention.xla_attention keeps nothing else [T, S])
     forward = tokens * ((5 * d + 3 * q + 4 * kv + 4 * f) * c + scores // 4 * c + lora)
-    return forward + (2 * tokens * scores if policy == "backward" else 0)
+    return forward + (2 * tokens * scores if policy in ("backward", "prefill") else 0)
 
 
 def train_estimate(
@@ -178,7 +179,7 @@ def sample_estimate(
         "layer weights": (layer_params(cfg) + cfg.vocab_size * cfg.hidden_size) * c // layout.tensor,
         "kv cache": 2 * cfg.num_layers * rows * slots * cfg.num_kv_heads * cfg.head_dim * c // layout.tensor,
         "prefill activations": layer_activation_bytes(
-            cfg, rows * prompt_len, slots, "forward", layout.tensor
+            cfg, rows * prompt_len, slots, "prefill", layout.tensor
         ),
         "logits": rows * cfg.vocab_size * 4 // layout.tensor,
     }
