@@ -6,10 +6,9 @@ for the final-normed hidden states ``x [B, T, D]``. It computes the logits a chu
 axes and the vocabulary over ``tensor``). Under differentiation each chunk's gradient ``softmax - onehot``
 is formed right after its logits and contracted with the head and the chunk at once, so the forward pass
 returns the gradients (the loss is the scalar the step differentiates) and the backward pass only scales
-them. Autodiff of ``log_softmax(x @ head)`` held four fp32 ``[tokens, vocab]``
-arrays (the logits, their exponentials, the one-hot scatter and the gradient): 1.5 GiB for SmolLM2-135M at
-8 x 256 tokens, where a chunk here holds about 100 MB (``CHUNK_TOKENS``).
-"""
+them. Autodiff of ``log_softmax(x @ head)`` made four fp32 ``[tokens, vocab]`` arrays (the logits, their
+exponentials, the one-hot scatter and the gradient), two of them live at once: 0.77 GiB for SmolLM2-135M
+at 8 x 256 tokens, where a chunk here holds about 100 MB (``CHUNK_TOKENS``)."""
 
 from __future__ import annotations
 
