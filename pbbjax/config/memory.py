@@ -17,10 +17,11 @@ Train step (``training/sft.py``), in order of the table:
 - ``activations``: what the backward pass keeps, by remat policy (per microbatch of ``tokens`` per chip):
   ``none`` keeps every intermediate of every layer; ``dots`` keeps each layer's matmul outputs (the
   attention scores included, in fp32); ``full`` keeps each layer's input only, plus one layer's
-  intermediates while that layer is recomputed. That holds for scanned layers (``scan_layers``), where
+  intermediates while that layer is recomputed (which holds for scanned layers, ``scan_layers``, where
   one layer is rebuilt at a time; with unrolled layers, XLA:CPU's compiled step keeps about as much
-  under ``full`` as under ``none`` (``scripts/train_memory.py`` compares the compiled step
-  with this estimate).
+  under ``full`` as under ``none``: ``scripts/train_memory.py`` compares the compiled step with this
+  estimate). Every policy adds the fp32 gradients of one layer's attention scores and probabilities,
+  held while that layer's backward pass runs.
 - ``logits``: without FSDP the train step's cross-entropy holds the logits of one chunk of positions at
   a time (``models/cross_entropy.py``), two fp32 ``[chunk tokens, vocab]`` buffers (the logits and their
   gradient); with FSDP one fp32 ``[tokens, vocab]`` buffer per microbatch (XLA fuses the log-softmax and
@@ -113,13 +114,17 @@ def layer_activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int, policy: 
 
     ``policy``: a remat policy name (what the backward pass keeps of the layer), ``"forward"`` (every
     intermediate of the forward pass, as ``none`` keeps it), ``"backward"`` (those and the fp32 gradients
-    of the attention scores and probabilities: what ``full`` holds while it rebuilds one layer) or
-    ``"prefill"`` (the forward's, with the KV-cache attention's fp32 scores and probabilities)."""
+    of the attention scores and probabilities: what ``full`` holds while it rebuilds one layer),
+    ``"score gradients"`` (those two fp32 gradients alone: what the backward pass of a layer whose
+    intermediates were kept adds) or ``"prefill"`` (the forward's, with the KV-cache attention's fp32
+    scores and probabilities)."""
     c = _bytes(cfg.compute_dtype)
     d, f = cfg.hidden_size, cfg.intermediate_size // tensor
     q, kv = cfg.num_heads * cfg.head_dim // tensor, cfg.num_kv_heads * cfg.head_dim // tensor
     scores = cfg.num_heads // tensor * seq_len * 4  # fp32 [heads, keys] per query token
     lora = cfg.lora.rank * len(cfg.lora.targets) * c if cfg.lora else 0  # each adapter's x A [rank]
+    if policy == "score gradients":
+        return 2 * tokens * scores
     if policy == "full":  # the layer's input
         return tokens * d * c
     if policy == "dots":  # dot_general outputs (q, k, v, scores, PV, o, gate, up, down) and the input
@@ -145,8 +150,9 @@ def train_estimate(
     working = ((layer_params(cfg) + head) * c + layer_grad) // layout.tensor
     policy = "forward" if cfg.remat == "none" else cfg.remat
     keep = layer_activation_bytes(cfg, tokens, seq_len, policy, layout.tensor) * cfg.num_layers
-    if cfg.remat == "full":
-        keep += layer_activation_bytes(cfg, tokens, seq_len, "backward", layout.tensor)
+    # and, while one layer's backward runs, what it rebuilds (``full``) or its fp32 score gradients (others)
+    rebuilt = "backward" if cfg.remat == "full" else "score gradients"
+    keep += layer_activation_bytes(cfg, tokens, seq_len, rebuilt, layout.tensor)
     # the chunked cross-entropy's logits and their gradient, or the full logits (fused into their consumers)
     logit_tokens = 2 * _chunk_tokens(tokens, seq_len) if chunked_loss(layout.fsdp) else tokens
     return {
