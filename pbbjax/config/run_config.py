@@ -47,6 +47,18 @@ class ModelSettings:
     tiny: dict  # HF config.json fields of a tiny random model ({} = none)
     lora: LoRAConfig | None
 
+    def options(self, **overrides) -> dict:
+        """The keyword options every site that builds a model passes on (``ModelConfig``'s, which are also
+        ``load_model``'s, less the parameter dtype), so that a new model setting reaches all of them."""
+        options = dict(
+            compute_dtype=self.compute_dtype or self.dtype,
+            scan_layers=self.scan_layers,
+            remat=self.remat,
+            attention=self.attention,
+            lora=self.lora,
+        )
+        return options | overrides
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
@@ -87,7 +99,7 @@ class RunConfig:
 
     @property
     def compute_dtype(self) -> str:
-        return self.model.compute_dtype or self.model.dtype
+        return self.model.options()["compute_dtype"]
 
 
 def _check(condition: bool, field: str, value, expected: str) -> None:

@@ -69,6 +69,7 @@ class Stage:
     name: str
     rows: list[Row]
     start_from: str | None = None  # the stage whose end this one starts from (None: the previous stage)
+    warmup_for: str | None = None  # the GRPO stage this SFT stage warms up (``with_warmups``), if any
 
     def eval_executions(self) -> float | None:
         """Distinct execution examples per eval instruction in this stage, averaged over eval instructions:
@@ -320,7 +321,8 @@ def with_warmups(curriculum: Curriculum, names) -> Curriculum:
     for stage in curriculum.stages:
         if stage.name in names:
             rows = [dataclasses.replace(r, stage=stage.name + WARMUP) for r in stage.rows]
-            stages.append(Stage(stage.name + WARMUP, rows, start_from=stage.start_from))
+            warmup = Stage(stage.name + WARMUP, rows, start_from=stage.start_from, warmup_for=stage.name)
+            stages.append(warmup)
             stage = dataclasses.replace(stage, start_from=None)
         stages.append(stage)
     return dataclasses.replace(curriculum, stages=stages)

@@ -216,14 +216,7 @@ def model_config(config: RunConfig) -> ModelConfig:
     """The model's shape: ``model.config_file``, else the config.json of the directory the run would load
     (``model.path``, the tiny preset's fields over the default model's vocabulary, or the default model)."""
     m = config.model
-    options = dict(
-        param_dtype=m.param_dtype,
-        compute_dtype=config.compute_dtype,
-        scan_layers=m.scan_layers,
-        remat=m.remat,
-        attention=m.attention,
-        lora=m.lora,
-    )
+    options = dict(param_dtype=m.param_dtype, **m.options())
     if m.config_file:
         return presets.load_model_config(m.config_file, **options)
     if m.tiny:

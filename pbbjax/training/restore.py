@@ -30,9 +30,7 @@ def model_from_checkpoint(source: Path, step_dir: Path, config: RunConfig, mesh)
     cfg = ModelConfig.from_dir(
         source,
         param_dtype=config.model.param_dtype,
-        compute_dtype=config.compute_dtype,
-        attention=config.model.attention,
-        lora=checkpoint_lora(read_info(step_dir)),
+        **config.model.options(lora=checkpoint_lora(read_info(step_dir))),
         generation_config=json.loads(p.read_text())
         if (p := source / "generation_config.json").is_file()
         else {},
@@ -50,13 +48,9 @@ def load_for_eval(config: RunConfig, checkpoint: Path, stage=None, step=None):
     """(model with the checkpoint's parameters, tokenizer, label, default output directory)."""
     mesh = make_mesh(**config.mesh)
     if (checkpoint / "config.json").is_file():  # a Hugging Face directory
-        options = dict(
-            dtype=config.model.dtype,
-            mesh=mesh,
-            compute_dtype=config.model.compute_dtype or None,
-            attention=config.model.attention,
-        )
-        model, tokenizer = load_model(checkpoint, **options)
+        # an exported directory: LoRA adapters, if the run had any, are merged into its weights
+        options = config.model.options(lora=None)
+        model, tokenizer = load_model(checkpoint, dtype=config.model.dtype, mesh=mesh, **options)
         return model, tokenizer, checkpoint.name, checkpoint / "evaluation"
     found, workdir = find_checkpoints(checkpoint)
     chosen = select_checkpoint(found, checkpoint, stage, step)

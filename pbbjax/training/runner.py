@@ -30,7 +30,6 @@ from flax import nnx
 from pbbjax.config.run_config import RunConfig, build_config_curriculum
 from pbbjax.core.seeds import derive_seed
 from pbbjax.core.storage import Workdir
-from pbbjax.data.curriculum import WARMUP
 from pbbjax.data.formatting import chat_prompt
 from pbbjax.eval.harness import EvalJob, evaluate
 from pbbjax.inference.sampler import generation_ids
@@ -78,14 +77,7 @@ class Runner:
         self.primary = jax.process_index() == 0
         self.mesh = make_mesh(**config.mesh)
         self.model, self.tokenizer = load_model(
-            model_path,
-            dtype=config.model.param_dtype,
-            mesh=self.mesh,
-            compute_dtype=config.compute_dtype,
-            scan_layers=config.model.scan_layers,
-            remat=config.model.remat,
-            attention=config.model.attention,
-            lora=config.model.lora,
+            model_path, dtype=config.model.param_dtype, mesh=self.mesh, **config.model.options()
         )
         if config.model.remat != "none" and not config.model.scan_layers and jax.default_backend() == "cpu":
             log.warning(
@@ -149,7 +141,7 @@ class Runner:
         steps = self.config.train.steps
         if stage.name in self.rl_stages:
             return None, steps or self.rl.steps
-        if stage.name.removesuffix(WARMUP) in self.rl_stages:
+        if stage.warmup_for is not None:
             steps = self.rl.sft_warmup_steps
         c = self.config
         return sft_batches(stage, self.tokenizer, self.pipeline, c.seed, c.train.epochs, steps)

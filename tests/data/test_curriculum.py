@@ -321,6 +321,7 @@ def test_with_warmups_puts_an_sft_stage_of_the_same_rows_before_each_named_stage
     assert [dataclasses.replace(r, stage="stage2") for r in warmup.rows] == stage2.rows
     assert {r.stage for r in warmup.rows} == {"stage2-warmup"}
     assert warmup.start_from is None and stage2.start_from is None  # warm-up after stage1, then stage2
+    assert (stage1.warmup_for, warmup.warmup_for, stage2.warmup_for) == (None, "stage2", None)
     ad = build_curriculum(domains["arithmetic"], "ad", CurriculumConfig(**SMALL))
     branched = with_warmups(ad, ("ad3",))  # a branch's warm-up takes the branch point; the branch follows it
     names = [s.name for s in branched.stages]
