@@ -22,6 +22,11 @@ Compiled steps are cached on disk across arms (``~/.cache/pbbjax/jax`` unless ``
 is set). Interrupted, the same command resumes: finished runs (their records present, from the same
 config) are skipped, and the interrupted run resumes from its last checkpoint, step by step. A run's
 checkpoints are deleted once its records are written (``--keep-checkpoints`` keeps them).
+
+Runs of one seed that train their first stages alike (the same config outside ``data`` and the same
+curriculum up to that stage) share them: those stages train once, in ``<workdir>/_shared/seed<k>/``, and
+each run resumes from a copy (``pbbjax.studies.sharing``; the records are those of the run trained alone).
+``--no-share`` trains every run whole.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="run folders (default runs/study/<study>/<preset>)")
     p.add_argument("--set", action="append", default=[], help="a config override for every run: key=value")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's checkpoints")
+    p.add_argument("--no-share", action="store_true", help="train every run whole, sharing no stages")
     p.add_argument("--list", action="store_true", help="list the studies and their arms")
     p.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
     p.add_argument("--report-only", action="store_true", help="only aggregate the records already in --out")
@@ -82,6 +88,7 @@ def main(argv=None) -> int:
         Path(args.out or f"results/{study.name}/{tag}"),
         Path(args.workdir or f"runs/study/{study.name}/{tag}"),
         parse_set(args.set),
+        share=not args.no_share,
     )
     if args.compile_only:
         return runner.compile_only(args.compile_only)

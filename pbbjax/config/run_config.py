@@ -70,6 +70,7 @@ class TrainSettings:
     eval_every: int  # also evaluate every N steps within a stage (0 = at stage ends only)
     export: bool  # each stage's model to <workdir>/export/<stage> (models under 1B parameters)
     peak_flops: float  # FLOP/s per chip for MFU; 0 = from the device kind
+    stop_after: str  # end the run after this stage, its end saved for a run that goes on from it ("" = none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +142,7 @@ def build_run_config(c: ml_collections.ConfigDict) -> RunConfig:
         eval_every=t.eval_every,
         export=t.export,
         peak_flops=t.peak_flops,
+        stop_after=t.stop_after,
     )
     return RunConfig(
         curriculum=c.curriculum,

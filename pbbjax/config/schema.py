@@ -114,6 +114,7 @@ def base_config(curriculum: str, **data_overrides) -> ml_collections.ConfigDict:
         "eval_every": 0,  # also evaluate every N steps within a stage (0 = at stage ends only)
         "export": True,  # export each stage's model to <workdir>/export/<stage> (models under 1B params)
         "peak_flops": 0.0,  # FLOP/s per chip for MFU; 0 = from the device kind (none on CPU)
+        "stop_after": "",  # end the run after this stage, its checkpoint, evaluation and end saved ("" = no)
     }
     c.log = dict(wandb="", wandb_entity="", wandb_mode="")  # wandb: a W&B project ("" = off)
     c.profile = dict(steps="")  # "START,COUNT": a jax.profiler trace of those global steps ("" = off)

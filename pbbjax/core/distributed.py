@@ -61,11 +61,17 @@ def _env_int(name: str) -> int | None:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def initialize(mode: str = "auto", cluster: dict | None = None) -> bool:
-    """``jax.distributed.initialize`` when ``mode`` asks for it; True if it ran (or had run already)."""
+def joins_pod(mode: str) -> bool:
+    """Whether ``initialize(mode)`` joins this process to a pod (``mode``: the ``distributed`` config field),
+    without touching JAX."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"config field 'distributed' is {mode!r}; expected 'auto', 'on' or 'off'")
-    if mode == "off" or (mode == "auto" and not _detected()):
+    return mode == "on" or (mode == "auto" and _detected())
+
+
+def initialize(mode: str = "auto", cluster: dict | None = None) -> bool:
+    """``jax.distributed.initialize`` when ``mode`` asks for it; True if it ran (or had run already)."""
+    if not joins_pod(mode):
         return False
     if jax.distributed.is_initialized():
         return True

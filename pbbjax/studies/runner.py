@@ -16,6 +16,7 @@ import jax
 
 from pbbjax.config.run_config import build_run_config
 from pbbjax.config.schema import Preset
+from pbbjax.studies import sharing
 from pbbjax.studies.report import report
 from pbbjax.studies.spec import COMMON, Arm, Run, Study
 from pbbjax.training import aot
@@ -86,10 +87,11 @@ def command_of(run: Run, preset: str, overrides: dict) -> str:
 NOT_DIGESTED = ("workdir", "cluster", "sandbox", "log", "profile", "model.attention")
 # Fields added after results were committed, with the value that computes what the runs before them did:
 # left out of the digest at that value only, so that setting them makes a new run.
-DIGESTED_UNLESS = {"rl.sft_warmup_steps": 0}
+DIGESTED_UNLESS = {"rl.sft_warmup_steps": 0, "train.stop_after": ""}
 
 
-def digest(config) -> str:
+def canonical(config) -> dict:
+    """The config as a dict, less the fields that do not change what the run computes (above)."""
     d = json.loads(config.to_json_best_effort(sort_keys=True))
     for field in (*NOT_DIGESTED, *DIGESTED_UNLESS):
         *parents, name = field.split(".")
@@ -98,17 +100,25 @@ def digest(config) -> str:
             section = section.get(parent, {})
         if field in NOT_DIGESTED or section.get(name) == DIGESTED_UNLESS[field]:
             section.pop(name, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return d
+
+
+def digest(config) -> str:
+    return hashlib.sha256(json.dumps(canonical(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
 class StudyRunner:
-    def __init__(self, study: Study, preset: str, seeds: int, out: Path, workdir: Path, overrides=None):
+    def __init__(
+        self, study: Study, preset: str, seeds: int, out: Path, workdir: Path, overrides=None, share=True
+    ):
         if seeds < 1:
             raise ValueError(f"--seeds must be at least 1, got {seeds}")
         self.study, self.preset, self.seeds = study, preset, seeds
         self.seed_values = range(study.first_seed, study.first_seed + seeds)
         self.out, self.workdir = Path(out), Path(workdir)
         self.extra = dict(overrides or {})
+        self.share = share  # train stages that runs have in common once per seed (``studies/sharing.py``)
+        self._keys = {}  # seed -> {run name: [(stage, key)]}
         self.size = size_of(preset)
         if self.size not in study.sizes:
             raise ValueError(
@@ -198,6 +208,7 @@ class StudyRunner:
                 f"[{i}/{len(todo)}] {self.study.name}: {run.name} seed {seed} ({config.workdir})", flush=True
             )
             start = time.perf_counter()
+            self._start_shared(run, seed, config)
             records = train(build_run_config(config))
             path = self.records_path(run, seed)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,12 +219,43 @@ class StudyRunner:
             if not keep_checkpoints:
                 for sub in ("checkpoints", "stage_ends"):
                     shutil.rmtree(Path(config.workdir) / sub, ignore_errors=True)
+                if all(s != seed for s, _ in todo[i:]):  # this seed's last run: its shared stages too
+                    shutil.rmtree(self.shared_dir(seed), ignore_errors=True)
             print(
                 f"[{i}/{len(todo)}] {run.name} seed {seed}: {time.perf_counter() - start:.0f}s "
                 f"(study so far {time.perf_counter() - t0:.0f}s)",
                 flush=True,
             )
         return self._report(todo)
+
+    def shared_dir(self, seed: int) -> Path:
+        return self.workdir / "_shared" / f"seed{seed}"
+
+    def _start_shared(self, run: Run, seed: int, config) -> None:
+        """Where ``run`` trains its first stages as another run of this seed does and has no checkpoint yet:
+        train those stages once (or find them trained) and give the run a copy to resume from."""
+        workdir = Path(config.workdir)
+        if not (self.share and sharing.can_share(config)) or any((workdir / "checkpoints").glob("[0-9]*")):
+            return
+        if seed not in self._keys:
+            configs = {r.name: self.config(r, seed) for r in self.study.runs}
+            self._keys[seed] = {name: sharing.stage_keys(c, canonical(c)) for name, c in configs.items()}
+        keys = self._keys[seed]
+        k = sharing.shared_prefix(keys, run.name)
+        if not k:
+            return
+        stage, key = keys[run.name][k - 1]
+        prefix = self.shared_dir(seed) / key
+        if not (prefix / sharing.DONE).exists():
+            others = [r for r, ks in keys.items() if r != run.name and (stage, key) in ks]
+            print(f"  stages up to {stage!r}, shared with {', '.join(others)}: {prefix}", flush=True)
+            shared = self.config(run, seed)
+            shared.workdir, shared.train.stop_after = str(prefix), stage
+            train(build_run_config(shared))
+            (prefix / sharing.DONE).write_text(stage)
+        else:
+            print(f"  stages up to {stage!r} from {prefix}", flush=True)
+        sharing.start_from_prefix(prefix, workdir)
 
     def _report(self, todo) -> dict:
         """The report over the seeds' records, indexed 0.. in seed order (the bootstraps resample them)."""

@@ -90,6 +90,12 @@ class Runner:
         write_source_model(self.workdir, self.model.cfg, self.tokenizer)
         self._push("source_model")
         self.domain, self.curriculum = build_config_curriculum(config)
+        names = [s.name for s in self.curriculum.stages]
+        if config.train.stop_after and config.train.stop_after not in names:
+            raise ValueError(
+                f"config field 'train.stop_after' is {config.train.stop_after!r}; expected '' or a stage of "
+                f"the {config.curriculum} curriculum: {', '.join(names)}"
+            )
         self.pipeline = config.pipeline
         self.optim = config.train.optim
         sft.check_batch(self.pipeline.batch_size, self.optim, self.mesh)
@@ -168,6 +174,9 @@ class Runner:
         if self.config.eval_at_start and not self.results.evaluated("start"):
             self._evaluate(params, "start", 0)
         keep_end = self.plan.ends_read_back(kl_reference=bool(self.rl.beta))
+        if stop := self.config.train.stop_after:  # every end up to it: whatever a run going on from it reads
+            names = [s.name for s in stages]
+            keep_end |= set(names[: names.index(stop) + 1])
         for si, (stage, (dataset, steps)) in enumerate(zip(stages, data, strict=True)):
             if resume is not None and resume[1]["stage_index"] > si:
                 continue  # finished before the restart; a branch loads its end from disk
@@ -199,6 +208,8 @@ class Runner:
             if not self.results.evaluated(stage.name):
                 self._evaluate(params, stage.name, offsets[si + 1])
             self._export(stage.name, params)
+            if stage.name == self.config.train.stop_after:
+                break
         self.ckpt.wait()
         if self.primary:
             c = self.config
