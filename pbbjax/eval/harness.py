@@ -61,7 +61,7 @@ from pbbjax.data.tasks.base import (
     Recall,
     extract_answer,
 )
-from pbbjax.inference.sampler import generate
+from pbbjax.inference.sampler import generate, prompt_bucket
 from pbbjax.models.sharding import batch_shards
 
 MODES = ("direct", "cot", "in_context", "zero_shot")
@@ -183,12 +183,16 @@ def generate_answers(
 def heldout_loss(eval_step, params, rows: list[Row], tokenizer, seq_len: int, batch_size: int, put) -> float:
     """Mean completion-token loss of ``rows`` (one padded example per row). ``batch_size`` must split over
     the mesh's batch shards and the hosts (``loss_batch_size``); the last batch is filled with empty rows.
-    Rows are padded to ``seq_len``, or where a row is longer (a composition's two programs, say), to the
-    longest row rounded up to a multiple of 64: evaluation rows are not packed, so the training length
-    does not bound them."""
+    Rows are padded on the right to the longest row, rounded up to one of a few lengths (64, 96, 128, 192,
+    ...; ``prompt_bucket``) so that a run compiles few shapes, and to at most ``seq_len`` where they fit
+    it: not to ``seq_len`` itself (40-token cipher rows padded to 1024 made each evaluation spend minutes
+    on padding). Evaluation rows are not packed, so the training length does not bound them (a
+    composition's two programs may exceed it)."""
     examples = tokenize_rows(rows, tokenizer)
-    longest = max((len(e["tokens"]) for e in examples), default=0)
-    length = seq_len if longest <= seq_len else -(-longest // 64) * 64
+    longest = max((len(e["tokens"]) for e in examples), default=1)
+    length = prompt_bucket(longest, minimum=64)
+    if longest <= seq_len:
+        length = min(length, seq_len)
     cfg = PipelineConfig(seq_len=length, batch_size=batch_size, pack=False)
     num = den = 0.0
     for batch in make_dataset(examples, cfg, jax.process_index(), jax.process_count()):

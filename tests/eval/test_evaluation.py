@@ -228,7 +228,8 @@ def test_every_accuracy_plot_and_table_shows_the_guessing_floor(tmp_path, monkey
 
 def test_heldout_loss_takes_rows_longer_than_the_training_length(smollm2_dir):
     """A composition's row can outgrow ``pipeline.seq_len``: evaluation rows are not packed, so the loss
-    pads to the longest row (rounded up to 64) instead of refusing, and gives what a longer seq_len gives."""
+    pads to the longest row (rounded up to a bucket) instead of refusing, and gives what a longer seq_len
+    gives; rows far shorter than ``seq_len`` are not padded to it."""
     import jax
     from flax import nnx
 
@@ -236,6 +237,7 @@ def test_heldout_loss_takes_rows_longer_than_the_training_length(smollm2_dir):
     from pbbjax.data.formatting import Row
     from pbbjax.data.pipeline import ExampleTooLongError, tokenize_rows
     from pbbjax.eval.harness import heldout_loss
+    from pbbjax.inference.sampler import prompt_bucket
     from pbbjax.training import sft
 
     model, tokenizer = load_model(smollm2_dir)
@@ -251,6 +253,18 @@ def test_heldout_loss_takes_rows_longer_than_the_training_length(smollm2_dir):
     with pytest.raises(ExampleTooLongError):  # training refuses such a row at this length
         tokenize_rows(rows, tokenizer, short)
     params, put = nnx.state(model), lambda batch: jax.tree.map(jax.numpy.asarray, batch)
-    got = heldout_loss(step, params, rows, tokenizer, short, 2, put)
-    want = heldout_loss(step, params, rows, tokenizer, 256, 2, put)
+    shapes = []
+
+    def seen(params, batch):
+        shapes.append(batch["tokens"].shape)
+        return step(params, batch)
+
+    got = heldout_loss(seen, params, rows, tokenizer, short, 2, put)
+    want = heldout_loss(seen, params, rows, tokenizer, 1024, 2, put)
     assert np.isfinite(got) and got == pytest.approx(want, rel=1e-5)
+    bucket = prompt_bucket(lengths[0], minimum=64)
+    assert lengths[0] <= bucket < 1024 and shapes == [(2, bucket), (2, bucket)]
+    (alone,) = rows[1:]  # a short row alone: padded to its bucket, or to seq_len where that is shorter
+    heldout_loss(seen, params, [alone], tokenizer, 1024, 2, put)
+    heldout_loss(seen, params, [alone], tokenizer, short, 2, put)
+    assert shapes[2:] == [(2, 64), (2, min(64, short))]
