@@ -28,6 +28,7 @@ from pathlib import Path
 from pbbjax.config.run_config import build_config_curriculum, build_run_config
 from pbbjax.core.distributed import joins_pod
 from pbbjax.core.storage import is_remote
+from pbbjax.training.tracking import RUN_ID_FILE
 
 DONE = "SHARED_PREFIX_DONE"  # written in a prefix directory once its run has stopped after its last stage
 
@@ -69,10 +70,11 @@ def can_share(config) -> bool:
 
 def start_from_prefix(prefix: Path, workdir: Path) -> None:
     """``workdir`` as the prefix run left its own (checkpoints, stage ends, results, metrics: copies, since
-    the run appends to and deletes from them); the run then resumes from the prefix's last checkpoint. Only
-    for a workdir without checkpoints of its own: whatever else it holds is replaced."""
+    the run appends to and deletes from them); the run then resumes from the prefix's last checkpoint. Not
+    the prefix's W&B run id: each run is its own W&B run (whose history starts where it resumes). Only for a
+    workdir without checkpoints of its own: whatever else it holds is replaced."""
     tmp = workdir.with_name(workdir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(prefix, tmp, ignore=shutil.ignore_patterns(DONE))
+    shutil.copytree(prefix, tmp, ignore=shutil.ignore_patterns(DONE, RUN_ID_FILE))
     shutil.rmtree(workdir, ignore_errors=True)
     tmp.rename(workdir)

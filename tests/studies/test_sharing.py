@@ -77,6 +77,7 @@ def test_shared_stage1_gives_the_records_of_runs_trained_whole(tmp_path, capsys)
     assert re.search(r"stages up to 'stage1' from .*_shared", printed)  # the second run trains no stage 1
     prefix = next((work / "_shared").glob("seed*/*"))
     assert (prefix / sharing.DONE).read_text() == "stage1"
+    assert not (work / "replay" / "seed5" / sharing.DONE).exists()
     done = json.loads((prefix / "results.json").read_text())
     assert {r["after"] for r in done["records"]} == {"stage1"}  # the prefix run stopped after stage 1
     whole_args = ["--out", str(whole_out), "--workdir", str(tmp_path / "work_whole"), "--no-share"]
@@ -90,3 +91,21 @@ def test_shared_stage1_gives_the_records_of_runs_trained_whole(tmp_path, capsys)
         assert shared["records"] == whole["records"], run
         steps = [json.loads(line)["step"] for line in (work / run / "seed5" / "metrics.jsonl").open()]
         assert steps == sorted(steps) and steps[0] == 1  # stage 1's metrics came with the copy
+
+
+def test_a_run_starts_from_a_copy_of_the_prefix_but_not_its_wandb_run(tmp_path):
+    from pbbjax.training.tracking import RUN_ID_FILE
+
+    prefix, workdir = tmp_path / "prefix", tmp_path / "run"
+    (prefix / "checkpoints" / "21").mkdir(parents=True)
+    (prefix / "checkpoints" / "21" / "state").write_text("weights")
+    for name, text in {"metrics.jsonl": "{}\n", RUN_ID_FILE: "abc", sharing.DONE: "stage1"}.items():
+        (prefix / name).write_text(text)
+    workdir.mkdir()
+    (workdir / "source_model").write_text("left by a run killed before its first checkpoint")
+    sharing.start_from_prefix(prefix, workdir)
+    assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    assert (workdir / "checkpoints" / "21" / "state").read_text() == "weights"
+    with (workdir / "metrics.jsonl").open("a") as f:  # the run appends: the prefix's own file is untouched
+        f.write("{}\n")
+    assert (prefix / "metrics.jsonl").read_text() == "{}\n"
