@@ -336,8 +336,9 @@ def _demo() -> Study:
 
 def _replay() -> Study:
     """Whether the main job's stage 2 should replay stage-1 rows: the ``demo`` study's controls (seeds 0-4)
-    found proactive without replay ahead of the main job's replay 1.0. Those seeds chose; this study
-    measures both on seeds 5-9, which chose nothing."""
+    found proactive without replay ahead of the main job's replay 1.0. Those seeds found the difference;
+    this study measures both on seeds 5-9. Seeds 5-7 had chosen replay 1.0 over 0.5 (one seed per
+    candidate, docs/results.md), never against no replay: any bias they carry favors the replay arm."""
     return Study(
         "replay",
         "The paper's proactive curriculum has no replay in stage 2; the main job adds one replayed "
