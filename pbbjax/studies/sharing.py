@@ -40,7 +40,7 @@ def stage_keys(config, canonical: dict) -> list[tuple[str, str]]:
     _, curriculum = build_config_curriculum(rc)
     outside = {k: v for k, v in canonical.items() if k not in ("data", "rl")}
     read = {k: canonical.get("data", {}).get(k) for k in ("cot", "stage1_domain")}
-    fixed = (outside, read, curriculum.instructions, curriculum.eval_sets, curriculum.representation)
+    fixed = (read, curriculum.instructions, curriculum.eval_sets, curriculum.representation)
     h = hashlib.sha256(json.dumps(outside, sort_keys=True).encode() + repr(fixed).encode())
     keys, rl = [], json.dumps(canonical.get("rl"), sort_keys=True).encode()
     for stage in curriculum.stages:

@@ -235,7 +235,7 @@ def test_heldout_loss_takes_rows_longer_than_the_training_length(smollm2_dir):
 
     from pbbjax import load_model
     from pbbjax.data.formatting import Row
-    from pbbjax.data.pipeline import ExampleTooLongError, tokenize_rows
+    from pbbjax.data.pipeline import ExampleTooLongError, PipelineConfig, make_dataset, tokenize_rows
     from pbbjax.eval.harness import heldout_loss
     from pbbjax.inference.sampler import prompt_bucket
     from pbbjax.training import sft
@@ -260,8 +260,14 @@ def test_heldout_loss_takes_rows_longer_than_the_training_length(smollm2_dir):
         return step(params, batch)
 
     got = heldout_loss(seen, params, rows, tokenizer, short, 2, put)
-    want = heldout_loss(seen, params, rows, tokenizer, 1024, 2, put)
+    padded = heldout_loss(seen, params, rows, tokenizer, 1024, 2, put)
+    # the reference: both rows padded to 256 by the pipeline itself, through the eval step directly
+    cfg = PipelineConfig(seq_len=256, batch_size=2, pack=False)
+    (batch,) = make_dataset(tokenize_rows(rows, tokenizer), cfg, 0, 1)
+    num, den = step(params, put(batch))
+    want = float(num) / float(den)
     assert np.isfinite(got) and got == pytest.approx(want, rel=1e-5)
+    assert padded == pytest.approx(want, rel=1e-5)
     bucket = prompt_bucket(lengths[0], minimum=64)
     assert lengths[0] <= bucket < 1024 and shapes == [(2, bucket), (2, bucket)]
     (alone,) = rows[1:]  # a short row alone: padded to its bucket, or to seq_len where that is shorter
