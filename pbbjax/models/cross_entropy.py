@@ -8,7 +8,12 @@ is formed right after its logits and contracted with the head and the chunk at o
 returns the gradients (the loss is the scalar the step differentiates) and the backward pass only scales
 them. Autodiff of ``log_softmax(x @ head)`` made four fp32 ``[tokens, vocab]`` arrays (the logits, their
 exponentials, the one-hot scatter and the gradient), two of them live at once: 0.77 GiB for SmolLM2-135M
-at 8 x 256 tokens, where a chunk here holds about 100 MB (``CHUNK_TOKENS``)."""
+at 8 x 256 tokens, where a chunk here holds about 100 MB (``CHUNK_TOKENS``).
+
+Positions whose weight is 0 (prompts, padding: half the tokens or more in completion-only SFT) need no
+logits. Each row's positions are first reordered so that the weighted ones come first, and the chunk loop
+runs only over the chunks that hold any (the most any row needs; a ``while`` loop with that trip count).
+The reordering is per row, so rows stay where the mesh put them."""
 
 from __future__ import annotations
 
@@ -59,10 +64,23 @@ def head_cross_entropy(
     return _cross_entropy((head_out_first, mesh), x, head, targets, weights)
 
 
-def _chunked(a: jax.Array, k: int) -> jax.Array:
-    """[B, T, ...] -> [k, B, T / k, ...]: the scan's leading axis."""
-    b, t = a.shape[:2]
-    return jnp.moveaxis(a.reshape(b, k, t // k, *a.shape[2:]), 1, 0)
+def _by_weight(layout, x, targets, weights):
+    """Each row's positions reordered, those with a nonzero weight first (in order), and cut into chunks of
+    ``length`` positions: (inverse order [B, T], (x, targets, weights) reordered, ``length``, how many chunks
+    hold every weighted position of every row)."""
+    k = time_chunks(max(x.shape[0] // batch_shards(layout[1]), 1), x.shape[1])
+    length = x.shape[1] // k
+    order = jnp.argsort(weights == 0, axis=1, stable=True)
+    xs = tuple(
+        jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
+        for a in (x, targets, weights)
+    )
+    chunks = (jnp.max(jnp.sum(weights != 0, axis=1)) + length - 1) // length
+    return jnp.argsort(order, axis=1), xs, length, chunks
+
+
+def _chunk(xs, i, length):
+    return tuple(jax.lax.dynamic_slice_in_dim(a, i * length, length, axis=1) for a in xs)
 
 
 def _logits(layout, x: jax.Array, head: jax.Array) -> jax.Array:
@@ -74,30 +92,29 @@ def _logits(layout, x: jax.Array, head: jax.Array) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _cross_entropy(layout, x, head, targets, weights):
     """The loss alone (evaluation): one head product per chunk."""
-    k = time_chunks(max(x.shape[0] // batch_shards(layout[1]), 1), x.shape[1])
+    _, xs, length, chunks = _by_weight(layout, x, targets, weights)
 
-    def chunk(total, xs):
-        xc, tc, wc = xs
+    def chunk(i, total):
+        xc, tc, wc = _chunk(xs, i, length)
         logits = _logits(layout, xc, head)
         target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        return total + jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logit) * wc), None
+        return total + jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logit) * wc)
 
-    xs = (_chunked(x, k), _chunked(targets, k), _chunked(weights, k))
-    return jax.lax.scan(chunk, jnp.zeros((), jnp.float32), xs)[0]
+    return jax.lax.fori_loop(0, chunks, chunk, jnp.zeros((), jnp.float32))
 
 
 def _forward(layout, x, head, targets, weights):
     """The loss and its gradients at once (training): the loss is the scalar the step differentiates, so its
     cotangent only scales them. Three head products per chunk (logits, d x, d head), as autodiff of the full
     logits has, and no recomputation in the backward pass."""
-    k = time_chunks(max(x.shape[0] // batch_shards(layout[1]), 1), x.shape[1])
+    inverse, xs, length, chunks = _by_weight(layout, x, targets, weights)
     out_first, mesh = layout
     vocab = head.shape[0] if out_first else head.shape[1]
     head_axes = ("vocab", "embed") if out_first else ("embed", "vocab")
 
-    def chunk(carry, xs):
-        total, d_head = carry
-        xc, tc, wc = xs
+    def chunk(i, carry):
+        total, d_head, d_x = carry
+        xc, tc, wc = _chunk(xs, i, length)
         logits = _logits(layout, xc, head)
         lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
         hit = jnp.arange(vocab) == tc[..., None]
@@ -105,18 +122,21 @@ def _forward(layout, x, head, targets, weights):
         probs = jnp.exp(logits - lse)
         d_logits = (jnp.where(hit, probs - 1.0, probs) * wc[..., None]).astype(x.dtype)  # softmax - onehot
         # d x = d_logits @ head^T; d head = x^T d_logits over the chunk's tokens ([V, D] or [D, V])
-        d_x = project(d_logits, head, w_out_first=not out_first)
+        d_xc = project(d_logits, head, w_out_first=not out_first)
         flat_x, flat_d = xc.reshape(-1, xc.shape[-1]), d_logits.reshape(-1, vocab)
         a, b = (flat_d, flat_x) if out_first else (flat_x, flat_d)
         d_head = d_head + jax.lax.dot_general(
             a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
         )
-        return (total, d_head), d_x
+        return total, d_head, jax.lax.dynamic_update_slice_in_dim(d_x, d_xc, i * length, axis=1)
 
-    zero = (jnp.zeros((), jnp.float32), constrain(jnp.zeros(head.shape, jnp.float32), mesh, head_axes))
-    xs = (_chunked(x, k), _chunked(targets, k), _chunked(weights, k))
-    (total, d_head), d_x = jax.lax.scan(chunk, zero, xs)
-    d_x = jnp.moveaxis(d_x, 0, 1).reshape(x.shape)
+    zero = (
+        jnp.zeros((), jnp.float32),
+        constrain(jnp.zeros(head.shape, jnp.float32), mesh, head_axes),
+        constrain(jnp.zeros_like(x), mesh, ("batch", "length", "act_embed")),
+    )
+    total, d_head, d_x = jax.lax.fori_loop(0, chunks, chunk, zero)
+    d_x = jnp.take_along_axis(d_x, inverse[..., None], axis=1)  # back to the positions' own order
     return total, (d_x, d_head.astype(head.dtype))
 
 

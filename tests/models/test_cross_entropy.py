@@ -1,6 +1,6 @@
-"""``head_cross_entropy`` (logits a chunk at a time, gradients formed in the forward pass) against autodiff
-of the plain masked cross-entropy over all the logits: value and gradients, both head layouts, any
-chunking."""
+"""``head_cross_entropy`` (logits a chunk at a time, gradients formed in the forward pass, only the chunks
+that hold weighted positions) against autodiff of the plain masked cross-entropy over all the logits: value
+and gradients, both head layouts, any chunking, any pattern of zero weights, on one device and on a mesh."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +10,7 @@ import pytest
 
 from pbbjax.models import cross_entropy
 from pbbjax.models.cross_entropy import head_cross_entropy, time_chunks
+from pbbjax.models.sharding import make_mesh
 
 
 def _reference(x, head, targets, weights, out_first):
@@ -17,28 +18,70 @@ def _reference(x, head, targets, weights, out_first):
     return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights)
 
 
-@pytest.mark.parametrize("out_first", [True, False])
-@pytest.mark.parametrize("chunk_tokens", [4096, 24, 3])  # one chunk; several; one position per chunk
-def test_chunked_head_cross_entropy_equals_autodiff_of_the_full_logits(out_first, chunk_tokens, monkeypatch):
-    monkeypatch.setattr(cross_entropy, "CHUNK_TOKENS", chunk_tokens)
-    b, t, d, v = 3, 16, 8, 50
-    kx, kh, kt, kw = jax.random.split(jax.random.key(0), 4)
+def _weights(pattern: str, b: int, t: int) -> jax.Array:
+    """[b, t] fp32 loss weights: scattered (random), the second half (completion-only SFT), one row with
+    none and one with all, or none at all."""
+    scale = jnp.linspace(0.5, 2.0, t)
+    if pattern == "scattered":
+        return (jax.random.uniform(jax.random.key(3), (b, t)) > 0.3).astype(jnp.float32) * scale
+    if pattern == "second half":
+        return jnp.zeros((b, t)).at[:, t // 2 :].set(1.0) * scale
+    if pattern == "uneven rows":
+        return jnp.zeros((b, t)).at[1].set(1.0).at[2, 3].set(1.5) * scale
+    return jnp.zeros((b, t))
+
+
+def _check(out_first, weights, mesh=None, b=3, t=16, d=8, v=50):
+    kx, kh, kt = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (b, t, d))
     head = jax.random.normal(kh, (v, d) if out_first else (d, v))
     targets = jax.random.randint(kt, (b, t), 0, v)
-    weights = (jax.random.uniform(kw, (b, t)) > 0.3).astype(jnp.float32) * jnp.linspace(0.5, 2.0, t)
 
     def ours(x, head):
-        return head_cross_entropy(x, head, targets, weights, head_out_first=out_first)
+        return head_cross_entropy(x, head, targets, weights, head_out_first=out_first, mesh=mesh)
 
     def ref(x, head):
         return _reference(x, head, targets, weights, out_first)
 
-    np.testing.assert_allclose(ours(x, head), ref(x, head), rtol=1e-5)  # the loss alone (evaluation)
-    value, _ = jax.value_and_grad(ours)(x, head)  # the loss with its gradients (training)
-    np.testing.assert_allclose(value, ref(x, head), rtol=1e-5)
-    for got, want in zip(jax.grad(ours, (0, 1))(x, head), jax.grad(ref, (0, 1))(x, head), strict=True):
+    np.testing.assert_allclose(jax.jit(ours)(x, head), ref(x, head), rtol=1e-5, atol=1e-6)  # evaluation
+    value, _ = jax.jit(jax.value_and_grad(ours))(x, head)  # the loss with its gradients (training)
+    np.testing.assert_allclose(value, ref(x, head), rtol=1e-5, atol=1e-6)
+    grads = jax.jit(jax.grad(ours, (0, 1)))(x, head)
+    for got, want in zip(grads, jax.grad(ref, (0, 1))(x, head), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("out_first", [True, False])
+@pytest.mark.parametrize("chunk_tokens", [4096, 24, 3])  # one chunk; several; one position per chunk
+@pytest.mark.parametrize("pattern", ["scattered", "second half", "uneven rows", "none"])
+def test_chunked_head_cross_entropy_equals_autodiff_of_the_full_logits(
+    out_first, chunk_tokens, pattern, monkeypatch
+):
+    monkeypatch.setattr(cross_entropy, "CHUNK_TOKENS", chunk_tokens)
+    _check(out_first, _weights(pattern, 3, 16))
+
+
+@pytest.mark.parametrize("pattern", ["scattered", "uneven rows"])
+def test_chunked_head_cross_entropy_on_a_mesh_keeps_each_row_on_its_devices(pattern, monkeypatch):
+    """Rows over ``data``, the vocabulary over ``tensor`` (8 CPU devices): the per-row reordering and the
+    loop's trip count (a maximum over every row) give the single-device result."""
+    monkeypatch.setattr(cross_entropy, "CHUNK_TOKENS", 8)  # 4 rows per device group x 2 positions
+    _check(True, _weights(pattern, 8, 16), mesh=make_mesh(data=4, fsdp=1, tensor=2), b=8, v=64)
+
+
+def test_only_the_chunks_holding_weighted_positions_are_computed(monkeypatch):
+    """The chunk loop's trip count: the most weighted positions in any row, in chunks of ``length``."""
+    monkeypatch.setattr(cross_entropy, "CHUNK_TOKENS", 12)  # 3 rows x 4 positions per chunk
+    x, targets = jnp.zeros((3, 16, 8)), jnp.zeros((3, 16), jnp.int32)
+    for pattern, want in [("second half", 2), ("uneven rows", 4), ("scattered", 4), ("none", 0)]:
+        weights = _weights(pattern, 3, 16)
+        _, (_, _, reordered), length, chunks = cross_entropy._by_weight((True, None), x, targets, weights)
+        assert (length, int(chunks)) == (4, want), pattern
+        # the weighted positions lead each row, in their order
+        for row, got in zip(weights, reordered, strict=True):
+            kept = np.asarray(row)[np.asarray(row) != 0]
+            np.testing.assert_array_equal(np.asarray(got)[: len(kept)], kept)
+            assert not np.asarray(got)[len(kept) :].any()
 
 
 def test_time_chunks_divide_the_length_within_the_token_budget():
