@@ -125,10 +125,10 @@ def dot_product_attention(q, k, v, mask: SelfAttentionMask, implementation: str)
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Softmax(q k^T / sqrt(h)) v with GQA: q [B,T,N,H], k and v [B,S,K,H], mask [B,T,S] bool -> [B,T,N,H].
 
-    The products run heads-major, as the decode step's (``layers.Attention.attend_cache``): q as [B, K,
-    G*T, H] (row g*T + t), k and v as [B, K, S, H], so every product is a plain batched matrix product over
+    The products run heads-major (``heads_first``, as the decode step's ``layers.Attention.attend_cache``):
+    q as [B, K, G*T, H], k and v as [B, K, S, H], so every product is a plain batched matrix product over
     (B, K). Contracting over (G, T) in q's own [B, T, K, G, H] layout made XLA:CPU copy the queries, the
-    output gradient and the probabilities into a transposed layout for each backward product (82 -> 67 ms
+    output gradient and the probabilities into a transposed layout for each backward product (83 -> 66 ms
     for SmolLM2-135M's layer at 8 x 256 tokens, forward and backward); the transposes here are of the
     [T, H]-sized tensors only.
 
@@ -141,39 +141,39 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     return _xla_attention_fwd(q, k, v, mask)[0]
 
 
-def _heads_first(x: jax.Array, kv: int) -> jax.Array:
-    """[B, T, K*G, H] -> [B, K, G*T, H] (row g*T + t)."""
+def heads_first(x: jax.Array, kv: int) -> jax.Array:
+    """[B, T, K*G, H] -> [B, K, G*T, H] (row g*T + t): GQA's query rows grouped per KV head."""
     b, t, n, h = x.shape
     return x.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, n // kv * t, h)
 
 
-def _heads_last(x: jax.Array, t: int) -> jax.Array:
-    """[B, K, G*T, H] -> [B, T, K*G, H]: ``_heads_first``'s inverse."""
+def heads_last(x: jax.Array, t: int) -> jax.Array:
+    """[B, K, G*T, H] -> [B, T, K*G, H]: ``heads_first``'s inverse."""
     b, kv, gt, h = x.shape
     return x.reshape(b, kv, gt // t, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, kv * (gt // t), h)
 
 
-def _grouped_mask(mask: jax.Array, groups: int) -> jax.Array:
-    """[B, T, S] -> [B, 1, G*T, S]: the mask of every query row of ``_heads_first``'s layout."""
+def grouped_mask(mask: jax.Array, groups: int) -> jax.Array:
+    """[B, T, S] -> [B, 1, G*T, S]: the mask of every query row of ``heads_first``'s layout."""
     b, t, s = mask.shape
     return jnp.tile(mask, (1, groups, 1)).reshape(b, 1, groups * t, s)
 
 
 def _xla_attention_fwd(q, k, v, mask):
     h, kv = q.shape[-1], k.shape[2]
-    qh, kh, vh = _heads_first(q, kv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    mask = _grouped_mask(mask, q.shape[2] // kv)
+    qh, kh, vh = heads_first(q, kv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    mask = grouped_mask(mask, q.shape[2] // kv)
     scores = jnp.einsum("bkqh,bksh->bkqs", qh, kh, preferred_element_type=jnp.float32) * (h**-0.5)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B,K,G*T,S]
-    out = _heads_last(jnp.einsum("bkqs,bksh->bkqh", probs, vh), q.shape[1])
+    out = heads_last(jnp.einsum("bkqs,bksh->bkqh", probs, vh), q.shape[1])
     return out, (qh, kh, vh, mask, probs)
 
 
 def _xla_attention_bwd(residuals, d_out):
     qh, kh, vh, mask, probs = residuals
     h, t = qh.shape[-1], d_out.shape[1]
-    d_out = _heads_first(d_out, kh.shape[1])
+    d_out = heads_first(d_out, kh.shape[1])
     d_v = jnp.einsum("bkqs,bkqh->bksh", probs, d_out)
     d_probs = jnp.einsum("bkqh,bksh->bkqs", d_out, vh, preferred_element_type=jnp.float32)
     p = probs.astype(jnp.float32)
@@ -183,7 +183,7 @@ def _xla_attention_bwd(residuals, d_out):
     d_scores = jnp.where(mask, d_scores, 0.0)
     d_q = jnp.einsum("bkqs,bksh->bkqh", d_scores.astype(qh.dtype), kh)
     d_k = jnp.einsum("bkqs,bkqh->bksh", d_scores.astype(kh.dtype), qh)
-    return _heads_last(d_q, t), d_k.transpose(0, 2, 1, 3), d_v.transpose(0, 2, 1, 3), None
+    return heads_last(d_q, t), d_k.transpose(0, 2, 1, 3), d_v.transpose(0, 2, 1, 3), None
 
 
 xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)

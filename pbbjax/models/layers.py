@@ -27,7 +27,7 @@ from flax import nnx
 
 from pbbjax.models import lora
 from pbbjax.models.architecture import ModelConfig, RopeConfig, resolve_dtype
-from pbbjax.models.attention import SelfAttentionMask, self_attention
+from pbbjax.models.attention import SelfAttentionMask, grouped_mask, heads_first, heads_last, self_attention
 from pbbjax.models.linear import project
 
 _INIT_STD = 0.02
@@ -142,7 +142,7 @@ class Attention(nnx.Module):
     def attend_cache(self, q, k, v, mask: jax.Array, cache: KVCache, index) -> tuple[jax.Array, KVCache]:
         """Writes ``k``, ``v`` [B,T,K,H] at slots ``index`` .. ``index + T - 1`` of ``cache``, then attends
         over all its slots; ``mask`` [B,T,S] -> ([B,T,D], the updated cache)."""
-        b, t, n, hd = q.shape
+        t, n, hd = q.shape[1:]
         kv, g = k.shape[2], n // k.shape[2]
         k_cache = jax.lax.dynamic_update_slice(
             cache.k, k.transpose(0, 2, 3, 1).astype(cache.k.dtype), (0, 0, 0, index)
@@ -150,13 +150,13 @@ class Attention(nnx.Module):
         v_cache = jax.lax.dynamic_update_slice(
             cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), (0, 0, index, 0)
         )
-        # Query rows grouped per KV head: [B, K, G*T, H], row g*T + t (GQA as in attention.xla_attention).
-        q = q.reshape(b, t, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)
-        scores = jnp.einsum("bkqh,bkhs->bkqs", q, k_cache, preferred_element_type=jnp.float32) * (hd**-0.5)
-        scores = jnp.where(jnp.tile(mask, (1, g, 1))[:, None], scores, jnp.finfo(jnp.float32).min)
+        # Query rows grouped per KV head, as in attention.xla_attention: [B, K, G*T, H].
+        scores = jnp.einsum(
+            "bkqh,bkhs->bkqs", heads_first(q, kv), k_cache, preferred_element_type=jnp.float32
+        ) * (hd**-0.5)
+        scores = jnp.where(grouped_mask(mask, g), scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-        out = jnp.einsum("bkqs,bksh->bkqh", probs, v_cache)
-        out = out.reshape(b, kv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, n, hd)
+        out = heads_last(jnp.einsum("bkqs,bksh->bkqh", probs, v_cache), t)
         y = project(out, self.o_proj[...].astype(out.dtype), inputs=2)
         return self.o_adapter_and_bias(out, y), KVCache(k_cache, v_cache)
 
