@@ -71,13 +71,34 @@ def _softmax_attention(q, k, v, mask):
 
 @pytest.mark.parametrize("kind", ["causal", "packed", "left_padded"])
 @pytest.mark.parametrize("heads", [(6, 2), (4, 4)])
-def test_xla_attention_gradient_recomputed_from_logsumexp_equals_autodiff(kind, heads):
-    """``xla_attention``'s custom backward pass (probabilities recomputed from the saved log-sum-exp) gives
-    the forward and the q, k, v gradients of plain autodiff through the softmax, padding queries included."""
-    seg = _segments(kind, 2, 96)
-    q, k, v = _qkv(2, 96, *heads, 32, seed=2)
+@pytest.mark.parametrize("t", [96, 100, 40])  # 3 query blocks, 3 uneven ones, one
+def test_xla_attention_in_query_blocks_equals_autodiff(kind, heads, t):
+    """``xla_attention`` (queries in causal blocks, its own backward pass from the kept probabilities)
+    gives the forward and the q, k, v gradients of plain autodiff through the softmax of the whole
+    [T, T] scores, at every real query; padding queries' outputs are not read (weight 0, as the loss's)."""
+    seg = _segments(kind, 2, t)
+    q, k, v = _qkv(2, t, *heads, 32, seed=2)
     mask = attention.dense_mask(jnp.asarray(seg))
-    weights = jnp.cos(jnp.arange(q.size).reshape(q.shape) * 0.1)
+    weights = _on_real(jnp.cos(jnp.arange(q.size).reshape(q.shape) * 0.1), seg)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v, mask) * weights)
+
+    out, ref = attention.xla_attention(q, k, v, mask), _softmax_attention(q, k, v, mask)
+    assert float(jnp.abs(_on_real(out - ref, seg)).max()) <= TOL
+    grads = jax.grad(loss, argnums=(1, 2, 3))(attention.xla_attention, q, k, v)
+    grads_ref = jax.grad(loss, argnums=(1, 2, 3))(_softmax_attention, q, k, v)
+    for name, g, gr in zip("qkv", grads, grads_ref, strict=True):
+        assert float(jnp.abs(g - gr).max()) <= TOL, name
+
+
+def test_xla_attention_over_other_keys_is_one_block_and_any_mask():
+    """With keys that are not the queries' own sequence (S != T) nothing is causal: one block, any mask."""
+    q, k, v = _qkv(2, 64, 6, 2, 32, seed=3)
+    k, v = jnp.concatenate([k, k[:, :16] * 0.5], axis=1), jnp.concatenate([v, -v[:, :16]], axis=1)
+    mask = jnp.asarray(np.random.RandomState(0).rand(2, 64, 80) < 0.7).at[:, :, 0].set(True)
+    assert attention.query_blocks(64, 80) == [(0, 64)]
+    weights = jnp.sin(jnp.arange(q.size).reshape(q.shape) * 0.1)
 
     def loss(fn, q, k, v):
         return jnp.sum(fn(q, k, v, mask) * weights)
@@ -88,6 +109,15 @@ def test_xla_attention_gradient_recomputed_from_logsumexp_equals_autodiff(kind, 
     grads_ref = jax.grad(loss, argnums=(1, 2, 3))(_softmax_attention, q, k, v)
     for name, g, gr in zip("qkv", grads, grads_ref, strict=True):
         assert float(jnp.abs(g - gr).max()) <= TOL, name
+
+
+@pytest.mark.parametrize("t", [1, 31, 64, 100, 256, 1000, 4096])
+def test_query_blocks_cover_every_row_once(t):
+    blocks = attention.query_blocks(t, t)
+    assert blocks[0][0] == 0 and blocks[-1][1] == t
+    assert all(a < b and b == c for (a, b), (c, _) in zip(blocks, blocks[1:] + [(t, None)], strict=True))
+    assert len(blocks) == max(1, min(16, t // 32))
+    assert min(b - a for a, b in blocks) >= min(t, 32)
 
 
 @pytest.mark.parametrize("kind", ["causal", "packed", "left_padded"])
