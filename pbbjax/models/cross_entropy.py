@@ -66,7 +66,7 @@ def head_cross_entropy(
 
 def _by_weight(layout, x, targets, weights):
     """Each row's positions reordered, those with a nonzero weight first (in order), and cut into chunks of
-    ``length`` positions: (inverse order [B, T], (x, targets, weights) reordered, ``length``, how many chunks
+    ``length`` positions: (the order [B, T], (x, targets, weights) reordered, ``length``, how many chunks
     hold every weighted position of every row)."""
     k = time_chunks(max(x.shape[0] // batch_shards(layout[1]), 1), x.shape[1])
     length = x.shape[1] // k
@@ -76,7 +76,7 @@ def _by_weight(layout, x, targets, weights):
         for a in (x, targets, weights)
     )
     chunks = (jnp.max(jnp.sum(weights != 0, axis=1)) + length - 1) // length
-    return jnp.argsort(order, axis=1), xs, length, chunks
+    return order, xs, length, chunks
 
 
 def _chunk(xs, i, length):
@@ -107,7 +107,7 @@ def _forward(layout, x, head, targets, weights):
     """The loss and its gradients at once (training): the loss is the scalar the step differentiates, so its
     cotangent only scales them. Three head products per chunk (logits, d x, d head), as autodiff of the full
     logits has, and no recomputation in the backward pass."""
-    inverse, xs, length, chunks = _by_weight(layout, x, targets, weights)
+    order, xs, length, chunks = _by_weight(layout, x, targets, weights)
     out_first, mesh = layout
     vocab = head.shape[0] if out_first else head.shape[1]
     head_axes = ("vocab", "embed") if out_first else ("embed", "vocab")
@@ -136,7 +136,7 @@ def _forward(layout, x, head, targets, weights):
         constrain(jnp.zeros_like(x), mesh, ("batch", "length", "act_embed")),
     )
     total, d_head, d_x = jax.lax.fori_loop(0, chunks, chunk, zero)
-    d_x = jnp.take_along_axis(d_x, inverse[..., None], axis=1)  # back to the positions' own order
+    d_x = jnp.take_along_axis(d_x, jnp.argsort(order, axis=1)[..., None], axis=1)  # the positions' own order
     return total, (d_x, d_head.astype(head.dtype))
 
 

@@ -21,7 +21,8 @@ def _ids(vocab, shape, seed=0):
 def test_logits_match_transformers(hf_dirs, name):
     hf, path = hf_dirs[name]
     model, _ = load_model(path)
-    ids = _ids(TINY[name]["vocab_size"], (2, 40))  # 40 > original_max_position_embeddings of llama3_rope
+    # 100 tokens: beyond llama3_rope's original_max_position_embeddings, and 3 causal query blocks
+    ids = _ids(TINY[name]["vocab_size"], (2, 100))
     diff = np.abs(np.asarray(model(ids)) - hf_logits(hf, ids)).max()
     assert diff <= TOL, f"{name}: max |Δlogit| = {diff}"
 
@@ -43,7 +44,7 @@ def test_left_padded_batch(hf_dirs, name):
     and to each sequence run alone without padding."""
     hf, path = hf_dirs[name]
     model, _ = load_model(path)
-    lengths, t = [12, 7, 3], 12
+    lengths, t = [70, 40, 3], 70  # 70 tokens: 2 causal query blocks, padding in both
     ids = _ids(TINY[name]["vocab_size"], (3, t), seed=2)
     mask = np.zeros((3, t), np.int32)
     for i, n in enumerate(lengths):
