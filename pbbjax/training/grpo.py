@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pbbjax.config.sections import GRPOConfig
-from pbbjax.training.sft import apply_gradients, batch_sharding, shift_left, trainable_value_and_grad
+from pbbjax.training.sft import apply_gradients, batch_sharding, trainable_value_and_grad
 
 
 # -- pure functions -------------------------------------------------------------------------------------
@@ -99,17 +99,25 @@ def rollout_batch(prompts: list[list[int]], completions: list[list[int]], pad_id
     return {"tokens": tokens, "attention_mask": attn, "completion_mask": comp[:, 1:]}
 
 
-def make_logprob_fn(graphdef, temperature: float):
-    """(params, batch) -> per-token log-probs [B, T-1] of each next token under ``logits / temperature``."""
+def make_logprob_fn(graphdef, temperature: float, completion_len: int):
+    """(params, batch) -> per-token log-probs [B, T-1] of each next token under ``logits / temperature``,
+    at the last ``completion_len`` positions: in ``rollout_batch``'s layout those predict the completion
+    tokens, and the positions before them (prompt targets, which ``completion_mask`` leaves out) hold 0.
+    The LM head and the softmax run over the completion positions only: with a 256-token prompt bucket
+    and 64 new tokens, a fifth of the ``[B, T, vocab]`` fp32 logits the whole row would make."""
 
     def logprobs(params, batch):
         model = nnx.merge(graphdef, params)
-        # every position's logits, sliced to T - 1 only as per-token log-probs: slicing the [B, T, vocab]
-        # logits would copy them and pad their gradient (see sft.masked_loss_sums)
-        logits = model(batch["tokens"], attention_mask=batch["attention_mask"]) / temperature
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        following = shift_left(batch["tokens"], 0)  # the last position's is never read
-        return jnp.take_along_axis(logp, following[..., None], axis=-1)[:, :-1, 0]
+        tokens = batch["tokens"]
+        t = tokens.shape[1]
+        n = min(completion_len, t - 1)
+        hidden = model.hidden_states(tokens, attention_mask=batch["attention_mask"])
+        # positions t-1-n .. t-2 predict tokens t-n .. t-1; slicing the hidden states (not the logits)
+        # leaves the head nothing to do elsewhere
+        logits = model.logits(hidden[:, t - 1 - n : t - 1]) / temperature
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        picked = jnp.take_along_axis(logp, tokens[:, t - n :, None], axis=-1)[..., 0]
+        return jnp.pad(picked, ((0, 0), (t - 1 - n, 0)))
 
     return logprobs
 
@@ -118,7 +126,7 @@ def make_grpo_step(graphdef, optimizer, cfg: GRPOConfig, schedule, shardings, me
     """jit(state, batch) -> (state, metrics). ``batch``: rollout_batch's arrays plus ``advantages`` [B],
     ``old_logp`` and ``ref_logp`` [B, T-1] (the latter ignored when beta = 0). The state is donated; a
     non-finite loss or gradient leaves it unchanged and reports ``finite=False``."""
-    logprob_fn = make_logprob_fn(graphdef, cfg.temperature)
+    logprob_fn = make_logprob_fn(graphdef, cfg.temperature, cfg.max_new_tokens)
 
     def loss_fn(params, batch):
         logp = logprob_fn(params, batch)

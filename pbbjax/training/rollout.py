@@ -107,7 +107,7 @@ class GRPOStepper:
         self.eos_ids, self.pad_id, self.seed = tuple(eos_ids), pad_id, seed
         self.ref_params = ref_params
         self.update = make_grpo_step(graphdef, optimizer, cfg, schedule, shardings, mesh)
-        self.logprobs = jax.jit(make_logprob_fn(graphdef, cfg.temperature))
+        self.logprobs = jax.jit(make_logprob_fn(graphdef, cfg.temperature, cfg.max_new_tokens))
         self.sharding = sft.batch_sharding(mesh)  # [B, T] arrays; [B] ones shard their batch axis alike
         self.row_sharding = (
             self.sharding if mesh is None else NamedSharding(mesh, PartitionSpec(self.sharding.spec[0]))

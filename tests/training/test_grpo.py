@@ -1,6 +1,7 @@
 """GRPO: its pure functions against hand-computed values, and learning on a toy task from a tiny model."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +82,7 @@ def test_logprobs_match_an_independent_softmax(hf_dirs):
     model, _ = load_model(hf_dirs["llama_gqa"][1])
     graphdef, params = nnx.split(model)
     b = rollout_batch([[5, 6, 7]], [[9, 10]], pad_id=0, max_new_tokens=2)
-    got = np.asarray(make_logprob_fn(graphdef, 0.7)(params, b))
+    got = np.asarray(make_logprob_fn(graphdef, 0.7, 2)(params, b))
     logits = np.asarray(model(np.asarray([[5, 6, 7, 9, 10]])))[0].astype(np.float64) / 0.7
     ref = logits - logits.max(-1, keepdims=True)
     ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
@@ -89,6 +90,26 @@ def test_logprobs_match_an_independent_softmax(hf_dirs):
     for t, token in zip((2, 3), (9, 10), strict=True):  # positions 2 and 3 predict the completion tokens
         assert got[0, p + t] == pytest.approx(ref[t, token], abs=1e-4)
     assert b["completion_mask"][0, p + 2] == 1 and b["completion_mask"][0, p + 3] == 1
+    assert not got[0, : p + 2].any()  # prompt targets: no log-probs computed
+
+
+def test_logprobs_run_the_head_over_completion_positions_only(hf_dirs):
+    """A 13-token prompt bucket of 16 and 3 new tokens: the LM head's logits are [B, 3, vocab], never
+    [B, 19, vocab] (jaxpr shapes), and the log-probs equal those of the whole row's logits."""
+    model, _ = load_model(hf_dirs["llama_gqa"][1])
+    graphdef, params = nnx.split(model)
+    b = rollout_batch([list(range(3, 16)), [4, 5]], [[20, 21, 22], [23]], pad_id=0, max_new_tokens=3)
+    fn = make_logprob_fn(graphdef, 1.0, 3)
+    vocab = model.cfg.vocab_size
+    text = str(jax.make_jaxpr(fn)(params, b))  # nested jaxprs included
+    lengths = {int(n) for n in re.findall(rf"f32\[2,(\d+),{vocab}\]", text)}
+    assert lengths == {3}
+    got = np.asarray(fn(params, b))
+    logits = np.asarray(model(b["tokens"], attention_mask=b["attention_mask"]), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    ref = np.take_along_axis(logp[:, :-1], b["tokens"][:, 1:, None], axis=-1)[..., 0]
+    np.testing.assert_allclose(got[:, -3:], ref[:, -3:], atol=1e-4)
 
 
 def test_prompt_indices_cover_every_prompt_each_pass():
