@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 
+import machine  # benchmarks/machine.py: the script's own folder is on sys.path
 import numpy as np
 
 
@@ -69,7 +68,7 @@ def main():
 
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}",
+        "machine": f"{machine.describe()}, {jax.devices()[0].platform}",
         "model": str(path),
         "batch": args.batch,
         "seq": args.seq,

@@ -17,7 +17,10 @@ weights, same batch); then the parent asks them for one timed step at a time, al
 order), so that drifting load on a shared machine hits both alike. Reported: median seconds per step,
 tokens/s (batch x seq / step), MFU and peak RSS of each side, and the ratio pbbjax / transformers; also
 the median process CPU seconds per step (user + sys of the child: less sensitive to other jobs than wall
-time, but it counts spin-waiting threads too). At the defaults the two children hold ~16 GiB together;
+time, but it counts spin-waiting threads too), of which kernel (sys) seconds, and the minor page faults per
+step: XLA:CPU maps its temporaries afresh each execution (~4 GiB, a million 4 KiB pages, at the defaults),
+and faulting them in costs kernel time, several times more right after the other side's step (the
+interleaving penalty, benchmarks/README.md). At the defaults the two children hold ~16 GiB together;
 ``--sequential`` runs one child after the other instead (less memory at once, but no interleaving).
 
 MFU = tokens/s x model FLOPs per token (``pbbjax.training.metrics.train_flops_per_token``: 6 per matmul
@@ -36,13 +39,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
+import machine  # benchmarks/machine.py: the script's own folder is on sys.path
 import numpy as np
 
 SIDES = ("jax", "torch")
@@ -191,10 +194,18 @@ def child_main(args):
     send(event="ready", setup_s=setup_s, warmup=warmup, info=info)
     for line in sys.stdin:
         if line.strip() == "step":
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             loss, grad_norm = step()
-            seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
-            send(event="step", seconds=seconds, cpu_seconds=cpu_s, loss=loss, grad_norm=grad_norm)
+            seconds, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+            send(
+                event="step",
+                seconds=seconds,
+                cpu_seconds=(r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
+                sys_seconds=r1.ru_stime - r0.ru_stime,
+                page_faults=r1.ru_minflt - r0.ru_minflt,
+                loss=loss,
+                grad_norm=grad_norm,
+            )
         else:
             break
     send(event="done", max_rss_mib=_max_rss_mib())
@@ -277,7 +288,8 @@ def run_children(args, model_dir: str) -> dict[str, dict]:
                     results[side]["steps"].append(reply)
                     print(
                         f"  step {i + 1}/{args.steps} {LABELS[side]:12s} {reply['seconds']:7.2f}s "
-                        f"(CPU {reply['cpu_seconds']:6.1f}s) loss {reply['loss']:.4f}",
+                        f"(CPU {reply['cpu_seconds']:6.1f}s, sys {reply['sys_seconds']:5.1f}s, "
+                        f"{reply['page_faults'] / 1e3:6.0f}k faults) loss {reply['loss']:.4f}",
                         flush=True,
                     )
             for side, child in children.items():
@@ -324,6 +336,8 @@ def parent_main(args):
             "seconds_per_step": seconds,
             "step_seconds": [s["seconds"] for s in r["steps"]],
             "cpu_seconds_per_step": statistics.median(s["cpu_seconds"] for s in r["steps"]),
+            "sys_seconds_per_step": statistics.median(s["sys_seconds"] for s in r["steps"]),
+            "page_faults_per_step": statistics.median(s["page_faults"] for s in r["steps"]),
             "warmup_seconds": [w["seconds"] for w in r["ready"]["warmup"]],
             "setup_seconds": r["ready"]["setup_s"],
             "mfu": mfu(tokens / seconds, flops_per_token, peaks[side]),
@@ -340,14 +354,17 @@ def parent_main(args):
     grad_norm_diff = abs(jx["first_step_grad_norm"] - th["first_step_grad_norm"])
 
     print()
-    head = ("tokens/s", "s/step", "CPU s/step", "MFU", "peak RSS MiB", "1st-step loss")
-    print(f"{'':14s}" + "".join(f"{h:>14s}" for h in head))
+    head = ("tokens/s", "s/step", "CPU s/step", "sys s/step", "faults/step", "MFU", "peak RSS MiB")
+    head += ("1st loss",)
+    print(f"{'':14s}" + "".join(f"{h:>13s}" for h in head))
     for side in SIDES:
         s = sides[side]
         m = f"{s['mfu']:.1%}" if s["mfu"] is not None else "None"
         print(
-            f"{LABELS[side]:14s}{s['tokens_per_s']:14.1f}{s['seconds_per_step']:14.2f}"
-            f"{s['cpu_seconds_per_step']:14.2f}{m:>14s}{s['peak_rss_mib']:14.0f}{s['first_step_loss']:14.6f}"
+            f"{LABELS[side]:14s}{s['tokens_per_s']:13.1f}{s['seconds_per_step']:13.2f}"
+            f"{s['cpu_seconds_per_step']:13.2f}{s['sys_seconds_per_step']:13.2f}"
+            f"{s['page_faults_per_step'] / 1e3:12.0f}k{m:>13s}{s['peak_rss_mib']:13.0f}"
+            f"{s['first_step_loss']:13.6f}"
         )
     print(
         f"ratio pbbjax / transformers: {ratio:.2f}x   first-step |Δloss| {loss_diff:.2e}, "
@@ -365,7 +382,7 @@ def parent_main(args):
     if args.json:
         result = {
             "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+            "machine": machine.describe(),
             "model": model_dir,
             "batch": args.batch,
             "seq": args.seq,
