@@ -1,6 +1,7 @@
 """Train-step throughput: pbbjax (jitted, XLA) vs transformers on PyTorch, same model, batch and optimizer.
 
     python benchmarks/train_step.py [--batch 8] [--seq 256] [--steps 3] [--warmup 1] [--model DIR]
+                                    [--microbatches K] [--back-to-back] [--sequential]
                                     [--peak-flops F | --measure-peak] [--json OUT]
 
 One full SFT step on each side: forward, completion-only masked cross-entropy (mean over completion tokens),
@@ -20,7 +21,11 @@ the median process CPU seconds per step (user + sys of the child: less sensitive
 time, but it counts spin-waiting threads too), of which kernel (sys) seconds, and the minor page faults per
 step: XLA:CPU maps its temporaries afresh each execution (~4 GiB, a million 4 KiB pages, at the defaults),
 and faulting them in costs kernel time, several times more right after the other side's step (the
-interleaving penalty, benchmarks/README.md). At the defaults the two children hold ~16 GiB together;
+interleaving penalty, benchmarks/README.md). ``--back-to-back`` gives each turn an untimed step right
+before the timed one, so that every timed step follows its own side's step as in a training run (twice
+the steps; the sides still alternate). ``--microbatches K`` splits the batch into K parts on both sides
+(pbbjax's ``train.microbatches``; PyTorch accumulates the parts' gradients). At the defaults the two
+children hold ~16 GiB together;
 ``--sequential`` runs one child after the other instead (less memory at once, but no interleaving).
 
 MFU = tokens/s x model FLOPs per token (``pbbjax.training.metrics.train_flops_per_token``: 6 per matmul
@@ -105,6 +110,7 @@ def _jax_side(args):
         b2=args.b2,
         eps=args.eps,
         max_grad_norm=args.max_grad_norm,
+        microbatches=args.microbatches,
     )
     total = args.warmup + args.steps
     optimizer = make_optimizer(cfg, total)
@@ -154,12 +160,16 @@ def _torch_side(args):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        logits = model(input_ids=ids, use_cache=False).logits
-        ce = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-        )
-        loss = (ce.view_as(weight) * weight).sum() / weight.sum().clamp_min(1e-9)
-        loss.backward()
+        total = weight.sum().clamp_min(1e-9)
+        loss = 0.0
+        for part, w in zip(ids.chunk(args.microbatches), weight.chunk(args.microbatches), strict=True):
+            logits = model(input_ids=part, use_cache=False).logits
+            ce = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), part[:, 1:].reshape(-1), reduction="none"
+            )
+            part_loss = (ce.view_as(w) * w).sum() / total  # the parts' losses sum to the batch's mean
+            part_loss.backward()
+            loss = loss + part_loss.detach()
         if args.max_grad_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         else:
@@ -193,7 +203,9 @@ def child_main(args):
         warmup.append({"seconds": time.perf_counter() - t0, "loss": loss, "grad_norm": grad_norm})
     send(event="ready", setup_s=setup_s, warmup=warmup, info=info)
     for line in sys.stdin:
-        if line.strip() == "step":
+        if line.strip() in ("step", "steps"):
+            if line.strip() == "steps":  # --back-to-back: an untimed step right before the timed one
+                step()
             t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             loss, grad_norm = step()
             seconds, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
@@ -219,7 +231,7 @@ class Child:
         forwarded = [
             f"--{name.replace('_', '-')}={getattr(args, name)}"
             for name in ("batch", "seq", "warmup", "steps", "seed", "lr", "b1", "b2", "eps")
-            + ("weight_decay", "max_grad_norm", "remat")
+            + ("weight_decay", "max_grad_norm", "remat", "microbatches")
         ]
         cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--model", model_dir, *forwarded]
         if args.scan_layers:
@@ -284,7 +296,7 @@ def run_children(args, model_dir: str) -> dict[str, dict]:
             for i in range(args.steps):
                 order = group if i % 2 == 0 else group[::-1]  # ABBA: neither side always goes first
                 for side in order:
-                    reply = children[side].request("step")
+                    reply = children[side].request("steps" if args.back_to_back else "step")
                     results[side]["steps"].append(reply)
                     print(
                         f"  step {i + 1}/{args.steps} {LABELS[side]:12s} {reply['seconds']:7.2f}s "
@@ -385,6 +397,8 @@ def parent_main(args):
             "machine": machine.describe(),
             "model": model_dir,
             "batch": args.batch,
+            "microbatches": args.microbatches,
+            "back_to_back": args.back_to_back,
             "seq": args.seq,
             "dtype": "float32",
             "warmup_steps": args.warmup,
@@ -433,10 +447,18 @@ def main():
     parser.add_argument("--eps", type=float, default=1e-8)
     parser.add_argument("--weight-decay", type=float, default=0.01, help="on matrices only, both sides")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    parser.add_argument(
+        "--microbatches", type=int, default=1, help="both sides: accumulate gradients over this many parts"
+    )
     parser.add_argument("--remat", default="none", help="pbbjax remat policy (none, full, dots, ...)")
     parser.add_argument("--scan-layers", action="store_true", help="pbbjax: run the layers as a lax.scan")
     parser.add_argument("--peak-flops", type=float, default=None, help="FLOP/s of this CPU, for MFU")
     parser.add_argument("--measure-peak", action="store_true", help="time 2048^2 matmuls as peaks")
+    parser.add_argument(
+        "--back-to-back",
+        action="store_true",
+        help="each turn: an untimed step right before the timed one (steady state, as in a training run)",
+    )
     parser.add_argument("--sequential", action="store_true", help="run the sides one after the other")
     parser.add_argument("--json", default="", help="also write the results here")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side
