@@ -465,6 +465,8 @@ def main():
     args = parser.parse_args()
     if args.warmup + args.steps < 1 or args.steps < 1:
         parser.error("--steps must be >= 1")
+    if args.microbatches < 1 or args.batch % args.microbatches:
+        parser.error(f"--microbatches {args.microbatches} must be >= 1 and divide --batch {args.batch}")
     if args.side:
         child_main(args)
     else:
