@@ -168,9 +168,15 @@ def grpo_steps(ctx: Context) -> list[Step]:
         "advantages": ctx.sharded((b,), jnp.float32, PartitionSpec(spec[0])),
     }
     estimate = memory.train_estimate(ctx.cfg, ctx.layout, batch=b, seq_len=t)
+    # the log-probs' fp32 logits cover the completion positions only (grpo.make_logprob_fn), unchunked
+    head = ctx.cfg.vocab_size * ctx.cfg.hidden_size
+    completion_tokens = b * rl.max_new_tokens // ctx.layout.batch_shards
+    estimate["logits"] = completion_tokens * ctx.cfg.vocab_size * 4 // ctx.layout.tensor
     if rl.beta:  # the frozen reference parameters stay live beside the step
         estimate["reference params"] = shard_bytes(ctx.params)
-    flops = train_flops_per_token(ctx.cfg, t) * b * t / ctx.layout.chips
+    # model FLOPs: the LM head (6 per weight and token, forward + backward) runs on the completions only
+    per_row = train_flops_per_token(ctx.cfg, t) * t - 6 * head * (t - rl.max_new_tokens)
+    flops = per_row * b / ctx.layout.chips
     filtered = rl.top_k > 0 or rl.top_p < 1
     rollouts = sample_step(
         ctx, "sample (rollouts)", b, sampling.prompt_bucket(rl.max_prompt_len), rl.max_new_tokens, filtered

@@ -132,6 +132,16 @@ def test_compile_only_tiny_preset_on_a_tpu_topology():
 
 
 @needs_libtpu
+def test_compile_only_grpo_preset_compiles_the_update_and_the_rollout_sampler():
+    done = _train("--config", "configs/retroactive.py:rl-tiny", "--config.compile_only_topology=v5e:2x2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "all steps fit" in out
+    for step in ("train (sft)", "train (grpo)", "sample (rollouts)"):
+        assert f"estimate for {step}" in out
+
+
+@needs_libtpu
 def test_topology_the_preset_does_not_fit_fails_with_the_memory_table():
     done = _train("--config", "configs/proactive.py:qwen3-14b", "--config.compile_only_topology=v5e-4")
     assert done.returncode == 1, done.stderr[-3000:]
