@@ -164,7 +164,7 @@ def train_estimate(
     rebuilt = "backward" if cfg.remat == "full" else "score gradients"
     keep += layer_activation_bytes(cfg, tokens, seq_len, rebuilt, layout.tensor)
     # the chunked cross-entropy's logits and their gradient, or the full logits (fused into their consumers)
-    logit_tokens = 2 * _chunk_tokens(tokens, seq_len) if chunked_loss(layout.fsdp) else tokens
+    logit_tokens = 2 * chunk_tokens(tokens, seq_len) if chunked_loss(layout.fsdp) else tokens
     return {
         "params": n * p // layout.param_shards + adapter_bytes(cfg, layout),
         "optimizer": 2 * trained,
@@ -175,8 +175,9 @@ def train_estimate(
     }
 
 
-def _chunk_tokens(tokens: int, seq_len: int) -> int:
-    """Tokens per chip whose logits the train step holds at once (``cross_entropy.time_chunks``)."""
+def chunk_tokens(tokens: int, seq_len: int) -> int:
+    """Tokens per chip whose logits a chunked head (``cross_entropy.head_cross_entropy``, ``head_log_probs``)
+    holds at once, of ``tokens`` in rows of ``seq_len`` (``cross_entropy.time_chunks``)."""
     rows = max(tokens // seq_len, 1)
     return rows * seq_len // time_chunks(rows, seq_len)
 

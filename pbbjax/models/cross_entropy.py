@@ -146,3 +146,36 @@ def _backward(layout, residuals, g):
 
 
 _cross_entropy.defvjp(_forward, _backward)
+
+
+def head_log_probs(
+    x: jax.Array,
+    head: jax.Array,
+    targets: jax.Array,
+    *,
+    head_out_first: bool,
+    temperature: float = 1.0,
+    mesh: Mesh | None = None,
+) -> jax.Array:
+    """Per-token ``log_softmax(x @ head / temperature)[targets]``: ``x [B, T, D]`` (after the final norm),
+    ``targets [B, T]`` int -> fp32 ``[B, T]``, differentiable in ``x`` and ``head``. For a loss that is not
+    linear in the log-probs (GRPO's clipped ratio), so its gradients cannot be formed in the forward pass
+    as ``head_cross_entropy`` does: instead each chunk of positions (``time_chunks``) is rematerialised,
+    its logits recomputed in the backward pass (four head products per chunk where autodiff of the full
+    logits has three), and no more than one chunk's fp32 logits are live at once."""
+    layout = (head_out_first, mesh)
+    k = time_chunks(max(x.shape[0] // batch_shards(mesh), 1), x.shape[1])
+    length = x.shape[1] // k
+
+    @jax.checkpoint
+    def chunk_log_probs(xc, tc):
+        logits = _logits(layout, xc, head) / temperature
+        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+
+    def chunk(i, out):
+        xc, tc = _chunk((x, targets), i, length)
+        return jax.lax.dynamic_update_slice_in_dim(out, chunk_log_probs(xc, tc), i * length, axis=1)
+
+    out = constrain(jnp.zeros(targets.shape, jnp.float32), mesh, ("batch", "length"))
+    return jax.lax.fori_loop(0, k, chunk, out)

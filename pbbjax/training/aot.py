@@ -168,10 +168,12 @@ def grpo_steps(ctx: Context) -> list[Step]:
         "advantages": ctx.sharded((b,), jnp.float32, PartitionSpec(spec[0])),
     }
     estimate = memory.train_estimate(ctx.cfg, ctx.layout, batch=b, seq_len=t)
-    # the log-probs' fp32 logits cover the completion positions only (grpo.make_logprob_fn), unchunked
+    # the log-probs' fp32 logits: the completion positions only (grpo.make_logprob_fn), one chunk of them
+    # at a time with its gradient (cross_entropy.head_log_probs)
     head = ctx.cfg.vocab_size * ctx.cfg.hidden_size
     completion_tokens = b * rl.max_new_tokens // ctx.layout.batch_shards
-    estimate["logits"] = completion_tokens * ctx.cfg.vocab_size * 4 // ctx.layout.tensor
+    logit_tokens = 2 * memory.chunk_tokens(completion_tokens, rl.max_new_tokens)
+    estimate["logits"] = logit_tokens * ctx.cfg.vocab_size * 4 // ctx.layout.tensor
     if rl.beta:  # the frozen reference parameters stay live beside the step
         estimate["reference params"] = shard_bytes(ctx.params)
     # model FLOPs: the LM head (6 per weight and token, forward + backward) runs on the completions only

@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pbbjax.config.sections import GRPOConfig
+from pbbjax.models.cross_entropy import head_log_probs
 from pbbjax.training.sft import apply_gradients, batch_sharding, trainable_value_and_grad
 
 
@@ -103,8 +104,10 @@ def make_logprob_fn(graphdef, temperature: float, completion_len: int):
     """(params, batch) -> per-token log-probs [B, T-1] of each next token under ``logits / temperature``,
     at the last ``completion_len`` positions: in ``rollout_batch``'s layout those predict the completion
     tokens, and the positions before them (prompt targets, which ``completion_mask`` leaves out) hold 0.
-    The LM head and the softmax run over the completion positions only: with a 256-token prompt bucket
-    and 64 new tokens, a fifth of the ``[B, T, vocab]`` fp32 logits the whole row would make."""
+    The LM head and the softmax run over the completion positions only (with a 256-token prompt bucket and
+    64 new tokens, a fifth of the whole rows' positions), a chunk of positions at a time
+    (``cross_entropy.head_log_probs``: one chunk's fp32 logits live at once, recomputed for the backward
+    pass)."""
 
     def logprobs(params, batch):
         model = nnx.merge(graphdef, params)
@@ -114,9 +117,11 @@ def make_logprob_fn(graphdef, temperature: float, completion_len: int):
         hidden = model.hidden_states(tokens, attention_mask=batch["attention_mask"])
         # positions t-1-n .. t-2 predict tokens t-n .. t-1; slicing the hidden states (not the logits)
         # leaves the head nothing to do elsewhere
-        logits = model.logits(hidden[:, t - 1 - n : t - 1]) / temperature
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        picked = jnp.take_along_axis(logp, tokens[:, t - n :, None], axis=-1)[..., 0]
+        x = model.final_normed(hidden[:, t - 1 - n : t - 1])
+        head, out_first = model.head_weight(x.dtype)
+        picked = head_log_probs(
+            x, head, tokens[:, t - n :], head_out_first=out_first, temperature=temperature, mesh=model.mesh
+        )
         return jnp.pad(picked, ((0, 0), (t - 1 - n, 0)))
 
     return logprobs

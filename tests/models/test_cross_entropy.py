@@ -1,6 +1,9 @@
 """``head_cross_entropy`` (logits a chunk at a time, gradients formed in the forward pass, only the chunks
 that hold weighted positions) against autodiff of the plain masked cross-entropy over all the logits: value
-and gradients, both head layouts, any chunking, any pattern of zero weights, on one device and on a mesh."""
+and gradients, both head layouts, any chunking, any pattern of zero weights, on one device and on a mesh.
+And ``head_log_probs`` (per-token log-probs, chunks rematerialised) against autodiff of ``log_softmax``."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +12,7 @@ import optax
 import pytest
 
 from pbbjax.models import cross_entropy
-from pbbjax.models.cross_entropy import head_cross_entropy, time_chunks
+from pbbjax.models.cross_entropy import head_cross_entropy, head_log_probs, time_chunks
 from pbbjax.models.sharding import make_mesh
 
 
@@ -89,3 +92,48 @@ def test_time_chunks_divide_the_length_within_the_token_budget():
     assert time_chunks(1, 256) == 1
     assert time_chunks(8, 100) == 2  # 8 x 50 = 400; 100 has no divisor giving exactly 64
     assert time_chunks(1024, 7) == 7  # one position at a time when even that is over the budget
+
+
+def _check_log_probs(out_first, mesh=None, b=3, t=16, d=8, v=50, temperature=0.7):
+    kx, kh, kt, kg = jax.random.split(jax.random.key(1), 4)
+    x = jax.random.normal(kx, (b, t, d))
+    head = jax.random.normal(kh, (v, d) if out_first else (d, v))
+    targets = jax.random.randint(kt, (b, t), 0, v)
+    cotangent = jax.random.normal(kg, (b, t))  # a loss that is not linear in the log-probs' sum
+
+    def ours(x, head):
+        return head_log_probs(x, head, targets, head_out_first=out_first, temperature=temperature, mesh=mesh)
+
+    def ref(x, head):
+        logits = jnp.einsum("btd,vd->btv" if out_first else "btd,dv->btv", x, head, precision="highest")
+        logp = jax.nn.log_softmax(logits / temperature, axis=-1)
+        return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+    np.testing.assert_allclose(jax.jit(ours)(x, head), ref(x, head), rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(lambda x, h: jnp.sum(jnp.exp(ours(x, h)) * cotangent), (0, 1)))(x, head)
+    want = jax.grad(lambda x, h: jnp.sum(jnp.exp(ref(x, h)) * cotangent), (0, 1))(x, head)
+    for got, w in zip(grads, want, strict=True):
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("out_first", [True, False])
+@pytest.mark.parametrize("chunk_tokens", [4096, 24, 3])  # one chunk; several; one position per chunk
+def test_chunked_head_log_probs_equal_autodiff_of_the_full_log_softmax(out_first, chunk_tokens, monkeypatch):
+    monkeypatch.setattr(cross_entropy, "CHUNK_TOKENS", chunk_tokens)
+    _check_log_probs(out_first)
+
+
+def test_chunked_head_log_probs_on_a_mesh(monkeypatch):
+    """Rows over ``data``, the vocabulary over ``tensor`` (8 CPU devices), two positions per chunk."""
+    monkeypatch.setattr(cross_entropy, "CHUNK_TOKENS", 8)
+    _check_log_probs(True, mesh=make_mesh(data=4, fsdp=1, tensor=2), b=8, v=64)
+
+
+def test_head_log_probs_keep_one_chunk_of_logits_live(monkeypatch):
+    """The jaxpr's largest logits are one chunk's ([3, 4, vocab] of [3, 16]), in the forward pass and in the
+    backward pass's recomputation alike."""
+    monkeypatch.setattr(cross_entropy, "CHUNK_TOKENS", 12)
+    x, head, targets = jnp.zeros((3, 16, 8)), jnp.zeros((50, 8)), jnp.zeros((3, 16), jnp.int32)
+    fn = jax.grad(lambda x: jnp.sum(head_log_probs(x, head, targets, head_out_first=True)))
+    text = str(jax.make_jaxpr(fn)(x))
+    assert {int(n) for n in re.findall(r"f32\[3,(\d+),50\]", text)} == {4}
