@@ -175,6 +175,18 @@ def train_estimate(
     }
 
 
+def grpo_estimate(
+    cfg: ModelConfig, layout: Layout, *, batch: int, seq_len: int, max_new_tokens: int
+) -> dict[str, int]:
+    """Bytes per chip of one GRPO update on ``batch`` rollouts of ``seq_len`` tokens: a train step's rows,
+    but the log-probs' fp32 logits cover the last ``max_new_tokens`` positions only, one chunk of them at
+    a time with its gradient (``grpo.make_logprob_fn``, ``cross_entropy.head_log_probs``)."""
+    estimate = train_estimate(cfg, layout, batch=batch, seq_len=seq_len)
+    completions = batch * max_new_tokens // layout.batch_shards
+    estimate["logits"] = 2 * chunk_tokens(completions, max_new_tokens) * cfg.vocab_size * 4 // layout.tensor
+    return estimate
+
+
 def chunk_tokens(tokens: int, seq_len: int) -> int:
     """Tokens per chip whose logits a chunked head (``cross_entropy.head_cross_entropy``, ``head_log_probs``)
     holds at once, of ``tokens`` in rows of ``seq_len`` (``cross_entropy.time_chunks``)."""

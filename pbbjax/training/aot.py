@@ -167,16 +167,11 @@ def grpo_steps(ctx: Context) -> list[Step]:
         "ref_logp": ctx.sharded((b, t - 1), jnp.float32, spec),
         "advantages": ctx.sharded((b,), jnp.float32, PartitionSpec(spec[0])),
     }
-    estimate = memory.train_estimate(ctx.cfg, ctx.layout, batch=b, seq_len=t)
-    # the log-probs' fp32 logits: the completion positions only (grpo.make_logprob_fn), one chunk of them
-    # at a time with its gradient (cross_entropy.head_log_probs)
-    head = ctx.cfg.vocab_size * ctx.cfg.hidden_size
-    completion_tokens = b * rl.max_new_tokens // ctx.layout.batch_shards
-    logit_tokens = 2 * memory.chunk_tokens(completion_tokens, rl.max_new_tokens)
-    estimate["logits"] = logit_tokens * ctx.cfg.vocab_size * 4 // ctx.layout.tensor
+    estimate = memory.grpo_estimate(ctx.cfg, ctx.layout, batch=b, seq_len=t, max_new_tokens=rl.max_new_tokens)
     if rl.beta:  # the frozen reference parameters stay live beside the step
         estimate["reference params"] = shard_bytes(ctx.params)
     # model FLOPs: the LM head (6 per weight and token, forward + backward) runs on the completions only
+    head = ctx.cfg.vocab_size * ctx.cfg.hidden_size
     per_row = train_flops_per_token(ctx.cfg, t) * t - 6 * head * (t - rl.max_new_tokens)
     flops = per_row * b / ctx.layout.chips
     filtered = rl.top_k > 0 or rl.top_p < 1

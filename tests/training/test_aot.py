@@ -112,6 +112,18 @@ def test_remat_policies_order_the_activation_estimate():
     assert kept["full"] < kept["dots"]
 
 
+def test_grpo_estimate_holds_one_chunk_of_completion_logits():
+    """Qwen3-4B, 256 rollouts of 256 + 512 tokens on 8 chips (32 per chip): the log-probs' logits are one
+    chunk of 16 positions x 32 rollouts and its gradient, not [32, 768, vocab]; the rest is the train
+    step's."""
+    cfg, layout = presets.paper_model_config("qwen3-4b"), memory.Layout(fsdp=8)
+    grpo = memory.grpo_estimate(cfg, layout, batch=256, seq_len=768, max_new_tokens=512)
+    assert grpo["logits"] == 2 * (16 * 32) * 151936 * 4
+    train = memory.train_estimate(cfg, layout, batch=256, seq_len=768)
+    assert grpo.pop("logits") < train.pop("logits")
+    assert grpo == train
+
+
 def test_mesh_that_does_not_divide_the_devices_names_both():
     devices = jax.devices()
     with pytest.raises(ValueError, match=r"mesh data=1 fsdp=3 tensor=1 needs 3 devices, 8 are available"):
