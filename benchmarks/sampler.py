@@ -3,6 +3,7 @@ the weight-streaming ceiling of XLA on this machine.
 
     python benchmarks/sampler.py [--batches 8 32] [--new-tokens 64] [--repeats 3] [--model DIR]
                                  [--tunix-python /tmp/tunix-venv/bin/python] [--torch-threads N] [--json OUT]
+                                 [--one-segment-too]
 
 Greedy decoding of ``--new-tokens`` tokens for each of ``--batches`` chat prompts (SmolLM2's chat template
 over questions of different lengths, cycled to the batch size), fp32, on this machine's CPU:
@@ -25,6 +26,8 @@ over questions of different lengths, cycled to the batch size), fp32, on this ma
   same safetensors by ``tunix.models.llama3.params.create_model_from_safe_tensors``. Its tokenizer pads
   with ``<|endoftext|>``: Tunix masks every pad-id token of a prompt, and SmolLM2's own pad token is
   ``<|im_end|>``, which chat prompts contain.
+- pbbjax-1seg (only with ``--one-segment-too``): pbbjax with its decode loop in one segment, so every step
+  attends over the whole cache (the sampler's default below 128 new tokens; ``segment_count``).
 
 Every side generates exactly ``--new-tokens`` tokens per row (EOS disabled: an id outside the vocabulary),
 so all do equal work; only generated tokens count towards tokens/s. Each side runs in its own subprocess
@@ -41,6 +44,7 @@ position, over all rows; a row counts as matching only when all its tokens do).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -60,14 +64,14 @@ QUESTIONS = [
     "Explain the difference between a list and a tuple in Python, with an example of each.",
     "What is 17 * 23?",
 ]
-SIDES = ("pbbjax", "transformers", "ceiling", "tunix")
+SIDES = ("pbbjax", "transformers", "ceiling", "tunix", "pbbjax-1seg")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --------------------------------------------------------------------------------------------- children
 
 
-def _pbbjax_side(model_dir: str, new_tokens: int):
+def _pbbjax_side(model_dir: str, new_tokens: int, segments: int | None = None):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, REPO)
     import pbbjax
@@ -77,7 +81,8 @@ def _pbbjax_side(model_dir: str, new_tokens: int):
 
     def run(prompts: list[str]) -> list[list[int]]:
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        return generate_tokens(model, ids, new_tokens, eos_ids=(), pad_id=tokenizer.pad_token_id)
+        pad = tokenizer.pad_token_id
+        return generate_tokens(model, ids, new_tokens, eos_ids=(), pad_id=pad, decode_segments=segments)
 
     return run
 
@@ -177,6 +182,7 @@ def child_main(args):
         "transformers": _transformers_side,
         "ceiling": _ceiling_child,
         "tunix": _tunix_side,
+        "pbbjax-1seg": functools.partial(_pbbjax_side, segments=1),
     }[args.side]
     extra = {"torch_threads": args.torch_threads} if args.side == "transformers" else {}
     run = make(args.model, args.new_tokens, **extra)
@@ -325,6 +331,10 @@ def summarize(res: dict, args, sides: list[str]) -> dict:
         )
         if "tunix" in row:
             row["ratio_pbbjax_over_tunix"] = row["pbbjax"]["tokens_per_s"] / row["tunix"]["tokens_per_s"]
+        if "pbbjax-1seg" in row:
+            row["ratio_pbbjax_over_one_segment"] = (
+                row["pbbjax"]["tokens_per_s"] / row["pbbjax-1seg"]["tokens_per_s"]
+            )
         out[b] = row
     return out
 
@@ -351,6 +361,8 @@ def print_table(summary: dict, sides: list[str], args):
         line += f"   pbbjax / ceiling: {row['ratio_pbbjax_over_ceiling']:.0%} (target >= 80%)"
         if "ratio_pbbjax_over_tunix" in row:
             line += f"   pbbjax / Tunix: {row['ratio_pbbjax_over_tunix']:.2f}x (target >= 2x)"
+        if "ratio_pbbjax_over_one_segment" in row:
+            line += f"   pbbjax / one segment: {row['ratio_pbbjax_over_one_segment']:.2f}x"
         print(line)
 
 
@@ -372,9 +384,10 @@ def parent_main(args):
 
     model_dir = str(args.model or pbbjax.default_model_path())
     why_not = tunix_available(args.tunix_python)
-    sides = list(SIDES) if why_not is None else ["pbbjax", "transformers", "ceiling"]
+    sides = ["pbbjax", "transformers", "ceiling"] + ["tunix"] * (why_not is None)
+    sides += ["pbbjax-1seg"] * args.one_segment_too
     if why_not:
-        print(f"Tunix not measured: {why_not}. Running pbbjax, transformers and the ceiling.", flush=True)
+        print(f"Tunix not measured: {why_not}.", flush=True)
     res = run_children(args, model_dir, sides)
     summary = summarize(res, args, sides)
     print_table(summary, sides, args)
@@ -390,6 +403,7 @@ def parent_main(args):
             "new_tokens": args.new_tokens,
             "torch_threads": args.torch_threads or "default",
             "tunix": "measured" if why_not is None else f"not measured: {why_not}",
+            "sides": sides,
             "versions": versions,
             "results": {str(b): {k: v for k, v in row.items()} for b, row in summary.items()},
         }
@@ -408,6 +422,11 @@ def main():
     parser.add_argument("--tunix-python", default="", help="a Python with google-tunix installed")
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="torch.set_num_threads for transformers (0: its default)"
+    )
+    parser.add_argument(
+        "--one-segment-too",
+        action="store_true",
+        help="also run pbbjax with its decode loop in one segment (the sampler's policy before 2026-12-07)",
     )
     parser.add_argument("--json", default="", help="also write the results here")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run as a child

@@ -43,6 +43,21 @@ def run_pod(processes: int, devices: int, *command: str, check: bool = True, **k
     return done
 
 
+def pod_script_results(name: str, *args: str, out_dir: Path) -> dict[int, dict[str, np.ndarray]]:
+    """``tests/pod_scripts/<name>.py *args OUT`` on a 2-host pod (2 processes x 4 devices) and on one process
+    of 8 devices; the script's process 0 writes arrays to OUT (an .npz file). -> {processes: its arrays}."""
+    script = str(ROOT / "tests" / "pod_scripts" / f"{name}.py")
+    results = {}
+    for processes, devices in ((2, 4), (1, 8)):
+        out = out_dir / f"{name}-{processes}x{devices}.npz"
+        cmd = [sys.executable, "-m", "pbbjax.local_pod", "-n", str(processes), "-d", str(devices),
+               "--timeout", "300", "--", sys.executable, script, *args, str(out)]  # fmt: skip
+        done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=360)
+        assert done.returncode == 0, done.stderr[-4000:]
+        results[processes] = dict(np.load(out))
+    return results
+
+
 def start_pod(processes: int, devices: int, *command: str) -> subprocess.Popen:
     return subprocess.Popen(
         pod_command(processes, devices, *command),

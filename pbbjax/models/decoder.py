@@ -127,6 +127,18 @@ class Transformer(nnx.Module):
         v = jnp.zeros((batch, cfg.num_kv_heads, slots, cfg.head_dim), dtype)
         return (self.constrain_cache(KVCache(k, v)),) * cfg.num_layers
 
+    def extend_cache(self, cache: tuple[KVCache, ...], extra: int) -> tuple[KVCache, ...]:
+        """``cache`` with ``extra`` zero slots appended (after the last), laid out as ``empty_cache``'s."""
+        return tuple(
+            self.constrain_cache(
+                KVCache(
+                    jnp.pad(c.k, ((0, 0), (0, 0), (0, 0), (0, extra))),
+                    jnp.pad(c.v, ((0, 0), (0, 0), (0, extra), (0, 0))),
+                )
+            )
+            for c in cache
+        )
+
     def constrain_cache(self, cache: KVCache) -> KVCache:
         return KVCache(constrain(cache.k, self.mesh, K_AXES), constrain(cache.v, self.mesh, V_AXES))
 

@@ -11,6 +11,8 @@ from pbbjax.inference.sampler import (
     generate_tokens,
     process_logits,
     prompt_bucket,
+    segment_count,
+    segment_ends,
 )
 from pbbjax.inference.stops import cut_at_stop, stop_token_sequences
 
@@ -229,6 +231,47 @@ def test_buckets():
     assert [prompt_bucket(n) for n in (1, 16, 17, 24, 25, 33, 48, 49, 64, 65, 100)] == [
         16, 16, 24, 24, 32, 48, 48, 64, 64, 96, 128,
     ]  # fmt: skip
+
+
+def test_decode_segments_by_hand():
+    assert segment_ends(256, 4) == (63, 127, 191, 255)  # the 256th token is chosen after the loop
+    assert segment_ends(10, 3) == (3, 6, 9)
+    assert segment_ends(2, 4) == (1,) and segment_ends(1, 4) == (0,)  # at most one segment per step
+    assert [segment_count(p, n) for p, n in ((48, 256), (48, 64), (16, 128), (16, 1024))] == [4, 1, 2, 4]
+    assert segment_count(512, 255) == 1  # fewer new tokens than half the prompt bucket: one segment
+
+
+def test_decode_segments_change_nothing(tiny):
+    """The decode loop in 3 segments (steps 0-7, 8-15, 16-22; the cache extended between them) against one,
+    sampled, with rows that end by EOS in different segments, by a stop sequence, and all before the
+    last segment: the same tokens, lengths, ends and decode steps, log-probs to float32 rounding."""
+    ids = [PROMPT, [7, 7, 3]]
+    free = generate_arrays(tiny, ids, 24, temperature=1.0, n=4, seed=11, **NO_EOS)
+    cases = {
+        "eos in several segments": dict(eos_ids=(int(free.tokens[0, 12]),), pad_id=0),
+        "every row ends by step 10": dict(eos_ids=tuple(set(free.tokens[:, 10].tolist())), pad_id=0),
+        "a stop sequence": dict(stop_sequences=[free.tokens[1, 9:11].tolist()], **NO_EOS),
+    }
+    for name, kwargs in cases.items():
+        one, three = (
+            generate_arrays(tiny, ids, 24, temperature=1.0, n=4, seed=11, decode_segments=k, **kwargs)
+            for k in (1, 3)
+        )
+        for field in ("tokens", "lengths", "ended", "eos", "steps"):
+            np.testing.assert_array_equal(
+                getattr(three, field), getattr(one, field), err_msg=f"{name}: {field}"
+            )
+        np.testing.assert_allclose(three.logprobs, one.logprobs, rtol=1e-6, atol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(one.tokens[one.tokens != 0], free.tokens[one.tokens != 0])
+        if name == "every row ends by step 10":
+            assert one.ended.all() and one.steps <= 11
+        else:
+            assert one.ended.any() and not one.ended.all()
+    eos_ends = generate_arrays(
+        tiny, ids, 24, temperature=1.0, n=4, seed=11, **cases["eos in several segments"]
+    )
+    ended_at = {int(n) // 8 for n in eos_ends.lengths[eos_ends.ended]}
+    assert len(ended_at) > 1  # rows ended in more than one segment
 
 
 def test_cache_limit(tiny):

@@ -58,9 +58,12 @@ def test_greedy_matches_transformers(hf_dirs, name):
     ref = hf_greedy(hf_model, PROMPTS, NEW)
     assert [len(r) for r in ref] == [NEW] * len(PROMPTS)
     assert generate_tokens(model, PROMPTS, NEW, eos_ids=(), pad_id=0) == ref
-    # The accelerator path: layer weights sliced inside the decode loop instead of once per call.
+    # The accelerator path: layer weights sliced inside the decode loop instead of once per call; and the
+    # decode loop in 3 segments, the cache growing between them (the default at 32 new tokens is one).
     sliced = generate_arrays(model, PROMPTS, NEW, eos_ids=(), pad_id=0, unstack_layers=False)
     assert sliced.tokens.tolist() == ref
+    segmented = generate_arrays(model, PROMPTS, NEW, eos_ids=(), pad_id=0, decode_segments=3)
+    assert segmented.tokens.tolist() == ref
 
     eos = model.cfg.generation_config.get("eos_token_id")
     texts = generate(model, IdTokenizer(), [" ".join(map(str, p)) for p in PROMPTS], NEW)
@@ -75,7 +78,8 @@ def _shard_pointers(x: jax.Array) -> list[int]:
 @pytest.mark.parametrize("shape", [(2, 2, 2), (8, 1, 1), (1, 2, 4)])
 def test_sharded_sampler_equals_single_device(hf_dirs, shape, monkeypatch):
     """Rows sharded over data+fsdp (5 prompts x n=1 or 2, padded with dummy rows to a multiple of the batch
-    shards) give the single-device tokens, lengths and log-probs; greedy and sampled."""
+    shards) give the single-device tokens, lengths and log-probs; greedy and sampled, and with the decode
+    loop in 3 segments (the cache extended between them) against one."""
     assert jax.device_count() == 8
     _, path = hf_dirs["llama_gqa"]
     single, _ = load_model(path)
@@ -90,9 +94,12 @@ def test_sharded_sampler_equals_single_device(hf_dirs, shape, monkeypatch):
         return out
 
     monkeypatch.setattr(sampling, "sample_program", spy)
-    for options in (dict(), dict(temperature=1.0, top_k=20, n=2, seed=3), dict(unstack_layers=False)):
+    sampled = dict(temperature=1.0, top_k=20, n=2, seed=3)
+    for options in (dict(), sampled, dict(unstack_layers=False), dict(decode_segments=3, **sampled)):
         kwargs = dict(eos_ids=(2,), pad_id=0, **options)
-        want = generate_arrays(single, PROMPTS, 12, **{**kwargs, "unstack_layers": None})
+        want = generate_arrays(
+            single, PROMPTS, 12, **{**kwargs, "unstack_layers": None, "decode_segments": 1}
+        )
         got = generate_arrays(model, PROMPTS, 12, **kwargs)
         assert got.tokens.shape == (len(PROMPTS) * options.get("n", 1), 12)
         np.testing.assert_array_equal(got.tokens, want.tokens)

@@ -1,6 +1,6 @@
 """pbbjax on a simulated 2-host pod (2 JAX processes x 4 CPU devices, ``python -m pbbjax.local_pod``),
-each run against 1 process x 8 devices on the same config: training, evaluation, GRPO, export, resume
-after SIGTERM / SIGKILL / a dead host, a corrupted checkpoint shard, and bad pod settings.
+each run against 1 process x 8 devices on the same config: training, evaluation, GRPO, sampling, export,
+resume after SIGTERM / SIGKILL / a dead host, a corrupted checkpoint shard, and bad pod settings.
 
 Every pod command runs under a timeout, so a hang fails the test instead of blocking CI.
 """
@@ -25,6 +25,7 @@ from multihost_helpers import (
     kill,
     losses,
     pod_processes,
+    pod_script_results,
     run_pod,
     start_pod,
     wait_for_checkpoint,
@@ -142,21 +143,25 @@ def test_lora_run_on_the_pod_equals_one_process(tmp_path):
 def test_grpo_updates_on_the_pod_equal_one_process(hf_dirs, tmp_path):
     """A reward the tiny model earns (the preset's task reward is always 0 for a random model), so that
     rollouts gathered across hosts, advantages and updates are all compared."""
-    script = str(Path(__file__).parents[1] / "pod_scripts" / "grpo_toy.py")
-    model = str(hf_dirs["llama_gqa"][1])
-    results = {}
-    for processes, devices in ((2, 4), (1, 8)):
-        out = tmp_path / f"{processes}x{devices}.npz"
-        cmd = [sys.executable, "-m", "pbbjax.local_pod", "-n", str(processes), "-d", str(devices),
-               "--timeout", "300", "--", sys.executable, script, model, str(out)]  # fmt: skip
-        done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=360)
-        assert done.returncode == 0, done.stderr[-4000:]
-        results[processes] = dict(np.load(out))
+    results = pod_script_results("grpo_toy", str(hf_dirs["llama_gqa"][1]), out_dir=tmp_path)
     pod, one = results[2], results[1]
     assert np.array_equal(pod["rewards"], one["rewards"])  # the same rollouts
     assert len(set(pod["rewards"].tolist())) > 1  # and rewards that moved the policy
     for k in one:  # Adam near zero gradients: compare at 1e-4 as test_grpo's mesh test does
         np.testing.assert_allclose(pod[k], one[k], atol=1e-4, err_msg=k)
+
+
+def test_segmented_sampler_on_the_pod_equals_one_process(hf_dirs, tmp_path):
+    """Generation with rows over both hosts, the decode loop in one segment and in three: the pod and one
+    process draw the same tokens, and segments change nothing."""
+    results = pod_script_results("sample_segments", str(hf_dirs["llama_gqa"][1]), out_dir=tmp_path)
+    pod, one = results[2], results[1]
+    assert pod["tokens1"].shape == (10, 24) and 0 < pod["ended1"].sum() < 10  # some rows end early
+    for got in (pod, one):
+        for name in ("tokens", "lengths", "ended", "eos", "steps"):
+            np.testing.assert_array_equal(got[f"{name}3"], one[f"{name}1"], err_msg=name)
+        for k in (1, 3):
+            np.testing.assert_allclose(got[f"logprobs{k}"], one["logprobs1"], rtol=1e-5, atol=1e-5)
 
 
 def test_preemption_then_a_dead_host_then_resume_bitwise(runs, tmp_path):
