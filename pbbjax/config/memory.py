@@ -191,7 +191,7 @@ def chunk_tokens(tokens: int, seq_len: int) -> int:
     """Tokens per chip whose logits a chunked head (``cross_entropy.head_cross_entropy``, ``head_log_probs``)
     holds at once, of ``tokens`` in rows of ``seq_len`` (``cross_entropy.time_chunks``)."""
     rows = max(tokens // seq_len, 1)
-    return rows * seq_len // time_chunks(rows, seq_len)
+    return rows * time_chunks(rows, seq_len)[1]
 
 
 def sample_estimate(

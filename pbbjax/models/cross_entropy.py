@@ -38,13 +38,24 @@ def chunked_loss(fsdp: int) -> bool:
     return fsdp == 1
 
 
-def time_chunks(batch: int, length: int) -> int:
-    """How many chunks the time axis splits into: the fewest (each a divisor of ``length``) with at most
-    ``CHUNK_TOKENS`` tokens over ``batch`` rows (a device's), or one position per chunk."""
-    for k in range(1, length + 1):
-        if length % k == 0 and batch * (length // k) <= CHUNK_TOKENS:
-            return k
-    return length
+def time_chunks(batch: int, length: int) -> tuple[int, int]:
+    """(chunks, positions per chunk) for ``length`` positions of ``batch`` rows (a device's): the fewest
+    near-equal chunks of at most ``CHUNK_TOKENS`` tokens, or of one position when even that is over. The
+    chunks may cover a few positions more than ``length`` (fewer than ``chunks``); the callers pad those
+    with zero weight. A prime length (e.g. GRPO's ``rl.max_new_tokens`` = 127) so gets chunks of the
+    budget's size instead of one position each, as a divisor of the length would force."""
+    per = max(1, min(length, CHUNK_TOKENS // max(batch, 1)))
+    chunks = -(-length // per)
+    return chunks, -(-length // chunks)
+
+
+def _chunked(mesh: Mesh | None, *arrays: jax.Array) -> tuple[int, int, tuple[jax.Array, ...]]:
+    """(chunks, positions per chunk, ``arrays`` [B, T, ...] zero-padded on the time axis to fill them)."""
+    chunks, length = time_chunks(max(arrays[0].shape[0] // batch_shards(mesh), 1), arrays[0].shape[1])
+    extra = chunks * length - arrays[0].shape[1]
+    if extra:
+        arrays = tuple(jnp.pad(a, [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2)) for a in arrays)
+    return chunks, length, arrays
 
 
 def head_cross_entropy(
@@ -61,15 +72,15 @@ def head_cross_entropy(
     ``targets [B, T]`` int, ``weights [B, T]`` fp32 -> a fp32 scalar. Gradients flow to ``x`` and ``head``.
     On a ``mesh``, each chunk's logits and the head's gradient keep the model's layout (rows over the batch
     axes, the vocabulary over ``tensor``, the head's gradient sharded as the head)."""
-    return _cross_entropy((head_out_first, mesh), x, head, targets, weights)
+    _, length, (x, targets, weights) = _chunked(mesh, x, targets, weights)  # padding weighs 0
+    return _cross_entropy((head_out_first, mesh, length), x, head, targets, weights)
 
 
 def _by_weight(layout, x, targets, weights):
     """Each row's positions reordered, those with a nonzero weight first (in order), and cut into chunks of
-    ``length`` positions: (the order [B, T], (x, targets, weights) reordered, ``length``, how many chunks
-    hold every weighted position of every row)."""
-    k = time_chunks(max(x.shape[0] // batch_shards(layout[1]), 1), x.shape[1])
-    length = x.shape[1] // k
+    ``length`` positions (``layout[2]``, which divides T): (the order [B, T], (x, targets, weights)
+    reordered, ``length``, how many chunks hold every weighted position of every row)."""
+    length = layout[2]
     order = jnp.argsort(weights == 0, axis=1, stable=True)
     xs = tuple(
         jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
@@ -84,7 +95,7 @@ def _chunk(xs, i, length):
 
 
 def _logits(layout, x: jax.Array, head: jax.Array) -> jax.Array:
-    out_first, mesh = layout
+    out_first, mesh = layout[:2]
     logits = project(x, head, w_out_first=out_first, out_dtype=jnp.float32)
     return constrain(logits, mesh, ("batch", "length", "act_vocab"))
 
@@ -108,7 +119,7 @@ def _forward(layout, x, head, targets, weights):
     cotangent only scales them. Three head products per chunk (logits, d x, d head), as autodiff of the full
     logits has, and no recomputation in the backward pass."""
     order, xs, length, chunks = _by_weight(layout, x, targets, weights)
-    out_first, mesh = layout
+    out_first, mesh, _ = layout
     vocab = head.shape[0] if out_first else head.shape[1]
     head_axes = ("vocab", "embed") if out_first else ("embed", "vocab")
 
@@ -164,8 +175,8 @@ def head_log_probs(
     its logits recomputed in the backward pass (four head products per chunk where autodiff of the full
     logits has three), and no more than one chunk's fp32 logits are live at once."""
     layout = (head_out_first, mesh)
-    k = time_chunks(max(x.shape[0] // batch_shards(mesh), 1), x.shape[1])
-    length = x.shape[1] // k
+    positions = x.shape[1]
+    k, length, (x, targets) = _chunked(mesh, x, targets)
 
     @jax.checkpoint
     def chunk_log_probs(xc, tc):
@@ -178,4 +189,4 @@ def head_log_probs(
         return jax.lax.dynamic_update_slice_in_dim(out, chunk_log_probs(xc, tc), i * length, axis=1)
 
     out = constrain(jnp.zeros(targets.shape, jnp.float32), mesh, ("batch", "length"))
-    return jax.lax.fori_loop(0, k, chunk, out)
+    return jax.lax.fori_loop(0, k, chunk, out)[:, :positions]

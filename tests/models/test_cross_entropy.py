@@ -78,7 +78,7 @@ def test_only_the_chunks_holding_weighted_positions_are_computed(monkeypatch):
     x, targets = jnp.zeros((3, 16, 8)), jnp.zeros((3, 16), jnp.int32)
     for pattern, want in [("second half", 2), ("uneven rows", 4), ("scattered", 4), ("none", 0)]:
         weights = _weights(pattern, 3, 16)
-        _, (_, _, reordered), length, chunks = cross_entropy._by_weight((True, None), x, targets, weights)
+        _, (_, _, reordered), length, chunks = cross_entropy._by_weight((True, None, 4), x, targets, weights)
         assert (length, int(chunks)) == (4, want), pattern
         # the weighted positions lead each row, in their order
         for row, got in zip(weights, reordered, strict=True):
@@ -87,11 +87,22 @@ def test_only_the_chunks_holding_weighted_positions_are_computed(monkeypatch):
             assert not np.asarray(got)[len(kept) :].any()
 
 
-def test_time_chunks_divide_the_length_within_the_token_budget():
-    assert time_chunks(8, 256) == 4  # 8 rows x 64 positions = 512 tokens per chunk
-    assert time_chunks(1, 256) == 1
-    assert time_chunks(8, 100) == 2  # 8 x 50 = 400; 100 has no divisor giving exactly 64
-    assert time_chunks(1024, 7) == 7  # one position at a time when even that is over the budget
+def test_time_chunks_within_the_token_budget():
+    """(chunks, positions per chunk): near-equal chunks of at most CHUNK_TOKENS (512) tokens."""
+    assert time_chunks(8, 256) == (4, 64)  # 8 rows x 64 positions = 512 tokens per chunk
+    assert time_chunks(1, 256) == (1, 256)
+    assert time_chunks(8, 100) == (2, 50)
+    assert time_chunks(64, 127) == (16, 8)  # a prime length: padded to 128, not 127 chunks of one position
+    assert time_chunks(8, 130) == (3, 44)  # 132 positions; a divisor of 130 would give 5 chunks of 26
+    assert time_chunks(1024, 7) == (7, 1)  # one position at a time when even that is over the budget
+
+
+@pytest.mark.parametrize("pattern", ["scattered", "second half", "uneven rows"])
+def test_head_cross_entropy_on_a_prime_length(pattern, monkeypatch):
+    """13 positions in chunks of 4 (3 rows x 4 positions): the 3 padding positions weigh nothing."""
+    monkeypatch.setattr(cross_entropy, "CHUNK_TOKENS", 12)
+    assert time_chunks(3, 13) == (4, 4)
+    _check(True, _weights(pattern, 3, 13), t=13)
 
 
 def _check_log_probs(out_first, mesh=None, b=3, t=16, d=8, v=50, temperature=0.7):
@@ -123,6 +134,11 @@ def test_chunked_head_log_probs_equal_autodiff_of_the_full_log_softmax(out_first
     _check_log_probs(out_first)
 
 
+def test_head_log_probs_on_a_prime_length(monkeypatch):
+    monkeypatch.setattr(cross_entropy, "CHUNK_TOKENS", 12)  # 13 positions in 4 chunks of 4
+    _check_log_probs(False, t=13)
+
+
 def test_chunked_head_log_probs_on_a_mesh(monkeypatch):
     """Rows over ``data``, the vocabulary over ``tensor`` (8 CPU devices), two positions per chunk."""
     monkeypatch.setattr(cross_entropy, "CHUNK_TOKENS", 8)
@@ -134,6 +150,8 @@ def test_head_log_probs_keep_one_chunk_of_logits_live(monkeypatch):
     backward pass's recomputation alike."""
     monkeypatch.setattr(cross_entropy, "CHUNK_TOKENS", 12)
     x, head, targets = jnp.zeros((3, 16, 8)), jnp.zeros((50, 8)), jnp.zeros((3, 16), jnp.int32)
-    fn = jax.grad(lambda x: jnp.sum(head_log_probs(x, head, targets, head_out_first=True)))
+    fn = jax.grad(lambda x: jnp.sum(head_log_probs(x, head, targets[:, : x.shape[1]], head_out_first=True)))
     text = str(jax.make_jaxpr(fn)(x))
     assert {int(n) for n in re.findall(r"f32\[3,(\d+),50\]", text)} == {4}
+    prime = str(jax.make_jaxpr(fn)(jnp.zeros((3, 13, 8))))  # padded to 16, not 13 chunks of one position
+    assert {int(n) for n in re.findall(r"f32\[3,(\d+),50\]", prime)} == {4}
