@@ -144,7 +144,7 @@ def layer_activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int, policy: 
 def attended_keys(seq_len: int) -> float:
     """Keys per query, on average, that the training attention's query blocks meet over ``seq_len`` tokens
     (0.56 x 256 at 256 tokens; the blocks above the causal diagonal are skipped)."""
-    return sum((b - a) * b for a, b in query_blocks(seq_len, seq_len)) / seq_len
+    return sum((b - a) * keys for a, b, keys in query_blocks(seq_len, seq_len)) / seq_len
 
 
 def train_estimate(

@@ -149,14 +149,17 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     return _xla_attention_fwd(q, k, v, mask)[0]
 
 
-def query_blocks(t: int, s: int) -> list[tuple[int, int]]:
-    """The query rows [a, b) ``xla_attention`` runs together; with S == T, block [a, b) meets keys [0, b).
+def query_blocks(t: int, s: int) -> list[tuple[int, int, int]]:
+    """(a, b, keys): the query rows [a, b) ``xla_attention`` runs together and the keys [0, keys) they meet.
 
-    ``min(16, T // 32)`` blocks of equal size, each at least 32 rows (at 8 x 256 tokens, 8 blocks beat 2, 4
-    and 16; at 2 x 1024, 16 beat 4 and 8); one block when the keys are not the queries' own sequence."""
-    n = max(1, min(16, t // 32)) if s == t else 1
+    With S == T (causal), ``min(16, T // 32)`` blocks of equal size, each at least 32 rows (at 8 x 256
+    tokens, 8 blocks beat 2, 4 and 16; at 2 x 1024, 16 beat 4 and 8), block [a, b) meeting keys [0, b);
+    otherwise (keys that are not the queries' own sequence) one block meeting every key."""
+    if s != t:
+        return [(0, t, s)]
+    n = max(1, min(16, t // 32))
     edges = [round(i * t / n) for i in range(n + 1)]
-    return list(zip(edges[:-1], edges[1:], strict=True))
+    return [(a, b, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
 def heads_first(x: jax.Array, kv: int) -> jax.Array:
@@ -181,8 +184,7 @@ def _xla_attention_fwd(q, k, v, mask):
     h, kv = q.shape[-1], k.shape[2]
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     outs, blocks = [], []
-    for a, b in query_blocks(q.shape[1], k.shape[1]):
-        keys = b if k.shape[1] == q.shape[1] else k.shape[1]  # causal: block [a, b) sees keys [0, b)
+    for a, b, keys in query_blocks(q.shape[1], k.shape[1]):
         qb, mb = heads_first(q[:, a:b], kv), grouped_mask(mask[:, a:b, :keys], q.shape[2] // kv)
         scores = jnp.einsum("bkqh,bksh->bkqs", qb, kh[:, :, :keys], preferred_element_type=jnp.float32)
         scores = jnp.where(mb, scores * (h**-0.5), jnp.finfo(jnp.float32).min)
@@ -196,8 +198,7 @@ def _xla_attention_bwd(residuals, d_out):
     kh, vh, blocks = residuals
     h, kv, s = kh.shape[-1], kh.shape[1], kh.shape[2]
     d_q, d_k, d_v = [], jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32)
-    for (a, b), (qb, mask, probs) in zip(query_blocks(d_out.shape[1], s), blocks, strict=True):
-        keys = probs.shape[-1]
+    for (a, b, keys), (qb, mask, probs) in zip(query_blocks(d_out.shape[1], s), blocks, strict=True):
         do = heads_first(d_out[:, a:b], kv)
         d_probs = jnp.einsum("bkqh,bksh->bkqs", do, vh[:, :, :keys], preferred_element_type=jnp.float32)
         p = probs.astype(jnp.float32)
@@ -208,9 +209,8 @@ def _xla_attention_bwd(residuals, d_out):
         d_q.append(
             heads_last(jnp.einsum("bkqs,bksh->bkqh", d_scores.astype(qb.dtype), kh[:, :, :keys]), b - a)
         )
-        pad = ((0, 0), (0, 0), (0, s - keys), (0, 0))  # this block's keys are the first ``keys``
-        d_k = d_k + jnp.pad(jnp.einsum("bkqs,bkqh->bksh", d_scores.astype(kh.dtype), qb), pad)
-        d_v = d_v + jnp.pad(jnp.einsum("bkqs,bkqh->bksh", probs, do), pad)
+        d_k = d_k.at[:, :, :keys].add(jnp.einsum("bkqs,bkqh->bksh", d_scores.astype(kh.dtype), qb))
+        d_v = d_v.at[:, :, :keys].add(jnp.einsum("bkqs,bkqh->bksh", probs, do))
     d_k, d_v = d_k.astype(kh.dtype).transpose(0, 2, 1, 3), d_v.astype(vh.dtype).transpose(0, 2, 1, 3)
     return jnp.concatenate(d_q, axis=1), d_k, d_v, None
 

@@ -97,7 +97,7 @@ def test_xla_attention_over_other_keys_is_one_block_and_any_mask():
     q, k, v = _qkv(2, 64, 6, 2, 32, seed=3)
     k, v = jnp.concatenate([k, k[:, :16] * 0.5], axis=1), jnp.concatenate([v, -v[:, :16]], axis=1)
     mask = jnp.asarray(np.random.RandomState(0).rand(2, 64, 80) < 0.7).at[:, :, 0].set(True)
-    assert attention.query_blocks(64, 80) == [(0, 64)]
+    assert attention.query_blocks(64, 80) == [(0, 64, 80)]
     weights = jnp.sin(jnp.arange(q.size).reshape(q.shape) * 0.1)
 
     def loss(fn, q, k, v):
@@ -115,9 +115,10 @@ def test_xla_attention_over_other_keys_is_one_block_and_any_mask():
 def test_query_blocks_cover_every_row_once(t):
     blocks = attention.query_blocks(t, t)
     assert blocks[0][0] == 0 and blocks[-1][1] == t
-    assert all(a < b and b == c for (a, b), (c, _) in zip(blocks, blocks[1:] + [(t, None)], strict=True))
-    assert len(blocks) == max(1, min(16, t // 32))
-    assert min(b - a for a, b in blocks) >= min(t, 32)
+    assert all(a < b == c for (a, b, _), (c, _, _) in zip(blocks, blocks[1:] + [(t, 0, 0)], strict=True))
+    assert all(keys == b for _, b, keys in blocks)  # causal: rows [a, b) meet keys [0, b)
+    assert len(blocks) == {1: 1, 31: 1, 64: 2, 100: 3, 256: 8, 1000: 16, 4096: 16}[t]
+    assert min(b - a for a, b, _ in blocks) >= min(t, 32)
 
 
 @pytest.mark.parametrize("kind", ["causal", "packed", "left_padded"])
