@@ -120,11 +120,12 @@ def segment_count(prompt_len: int, max_new_tokens: int) -> int:
     return max(1, min(4, max_new_tokens // 64))
 
 
-def segment_ends(max_new_tokens: int, count: int) -> tuple[int, ...]:
-    """The decode loop's steps split into ``count`` near-equal segments: the step count at the end of
-    each, the last ``max_new_tokens - 1`` (the last token is chosen after the loop, with no forward)."""
+def segment_ends(prompt_len: int, max_new_tokens: int, count: int | None = None) -> tuple[int, ...]:
+    """The decode loop's steps split into ``count`` near-equal segments (default ``segment_count``): the
+    step count at the end of each, the last ``max_new_tokens - 1`` (the last token is chosen after the
+    loop, with no forward)."""
     steps = max_new_tokens - 1
-    count = max(1, min(count, steps))
+    count = max(1, min(count or segment_count(prompt_len, max_new_tokens), steps))
     return tuple(steps * (j + 1) // count for j in range(count))
 
 
@@ -272,7 +273,7 @@ def generate_arrays(
         max_new_tokens=max_new_tokens,
         filtered=top_k > 0 or top_p < 1,
         unstack=bool(unstack_layers),
-        segments=segment_ends(max_new_tokens, decode_segments or segment_count(p_len, max_new_tokens)),
+        segments=segment_ends(p_len, max_new_tokens, decode_segments),
     )
     r = len(rows)
     return Generation(*(np.asarray(x)[:r] for x in (out, logps, lengths, ended, eos)), int(steps))

@@ -137,7 +137,7 @@ def sample_step(ctx: Context, name: str, rows: int, prompt_len: int, new: int, f
         ctx.sharded((), jnp.float32),  # top_p
         ctx.sharded((), jnp.int32),  # pad id
     )
-    segments = sampling.segment_ends(new, sampling.segment_count(prompt, new))
+    segments = sampling.segment_ends(prompt, new)
     static = dict(max_new_tokens=new, filtered=filtered, unstack=False, segments=segments)
     estimate = memory.sample_estimate(ctx.cfg, ctx.layout, batch=rows, prompt_len=prompt, max_new_tokens=new)
     # prefill: causal over the prompt; each new token: the whole cache so far (half the budget on average)

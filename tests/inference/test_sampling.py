@@ -234,10 +234,11 @@ def test_buckets():
 
 
 def test_decode_segments_by_hand():
-    assert segment_ends(256, 4) == (63, 127, 191, 255)  # the 256th token is chosen after the loop
-    assert segment_ends(10, 3) == (3, 6, 9)
-    assert segment_ends(2, 4) == (1,) and segment_ends(1, 4) == (0,)  # at most one segment per step
+    assert segment_ends(48, 256, 4) == (63, 127, 191, 255)  # the 256th token is chosen after the loop
+    assert segment_ends(48, 10, 3) == (3, 6, 9)
+    assert segment_ends(16, 2, 4) == (1,) and segment_ends(16, 1, 4) == (0,)  # at most one segment per step
     assert [segment_count(p, n) for p, n in ((48, 256), (48, 64), (16, 128), (16, 1024))] == [4, 1, 2, 4]
+    assert segment_ends(48, 256) == (63, 127, 191, 255) and segment_ends(48, 64) == (63,)  # by default
     assert segment_count(512, 255) == 1  # fewer new tokens than half the prompt bucket: one segment
 
 
